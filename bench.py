@@ -1,0 +1,183 @@
+"""bench.py: speed of model.py's sampler and scorer against plain transformers, measured in one run.
+
+Sampler: model.generate (transformers) vs model.py's generate on the same model, prompts, batch and
+lengths, both producing exactly --max-new-tokens per row (eos ignored). Scorer: a transformers forward
+over a padded batch plus a full log-softmax vs packed_logprobs over the same documents packed into rows.
+On GPU it also measures device memory bandwidth (a large copy) and estimates the bytes one decode step
+must move (weights + the KV cache it reads + logits), to say how close the sampler is to that limit.
+
+    python bench.py                                   # CPU, tiny preset
+    python bench.py --model smollm2 --prompts 64 --n 4,10 --max-new-tokens 128   # GPU
+"""
+import argparse
+import json
+import sysconfig
+import time
+from pathlib import Path
+
+parser = argparse.ArgumentParser(description="Sampler and scorer throughput vs transformers.")
+parser.add_argument("--model", default="tiny-llama", help="any model.py spec")
+parser.add_argument("--prompts", type=int, default=8, help="distinct prompts")
+parser.add_argument("--n", default="4", help="samples per prompt; a comma list runs several batch sizes")
+parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per row")
+parser.add_argument("--prompt-tokens", type=int, default=96, help="longest prompt, in tokens (they vary 50-100%%)")
+parser.add_argument("--score-docs", type=int, default=256, help="documents for the scorer benchmark")
+parser.add_argument("--score-row", type=int, default=2048, help="packed row length for the scorer")
+parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+parser.add_argument("--out", default=None, help="write bench.json here")
+args = parser.parse_args()
+
+import torch  # noqa: E402
+
+import model as M  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+def code_prompts(tok, count, max_tokens):
+    """Slices of stdlib source of varied length: realistic code prompts, available on every machine."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    ids = tok.encode(text, add_special_tokens=False)
+    prompts = []
+    for i in range(count):
+        length = max_tokens // 2 + (i * 37) % (max_tokens // 2 + 1)
+        start = (i * 997) % (len(ids) - max_tokens)
+        prompts.append(ids[start:start + length])
+    return prompts
+
+
+def hf_generate(mdl, tok, prompts, n, new):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as transformers expects for generation
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    dev = next(mdl.parameters()).device
+    with torch.no_grad():
+        out = mdl.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True, temperature=1.0,
+                           top_p=1.0, top_k=0, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
+                           pad_token_id=tok.pad_token_id)
+    return out.shape[0] * (out.shape[1] - width)
+
+
+def decode_step_bytes(mdl, rows, t_attn):
+    """Bytes one decode step must move at least: every weight once, each row's KV prefix, the logits."""
+    cfg = mdl.config
+    weights = sum(p.numel() * p.element_size() for p in mdl.parameters())
+    layers = cfg.num_hidden_layers
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = rows * t_attn * layers * 2 * kv_heads * head_dim * next(mdl.parameters()).element_size()
+    return weights + kv + rows * cfg.vocab_size * 4 * 3  # logits written, read by log-softmax and sampling
+
+
+def bench_sampler(mdl, tok, prompts, n, new, results):
+    rows = len(prompts) * n
+    kw = dict(n=n, max_new_tokens=new, temperature=1.0, ignore_eos=True, max_rows=rows)
+    M.release_decoder(mdl)
+    out, cold = timed(lambda: M.generate(mdl, tok, prompts, seed=0, **kw))  # includes CUDA graph capture
+    out, warm = timed(lambda: M.generate(mdl, tok, prompts, seed=1, **kw))
+    tokens = int(out.lengths.sum())
+    row = dict(rows=rows, new_tokens=tokens, ours_s=warm, ours_cold_s=cold, ours_tok_s=tokens / warm)
+    if not args.skip_hf:
+        hf_tokens, hf_s = timed(lambda: hf_generate(mdl, tok, prompts, n, new))
+        row.update(hf_s=hf_s, hf_tok_s=hf_tokens / hf_s, speedup=(tokens / warm) / (hf_tokens / hf_s))
+    if torch.cuda.is_available():
+        p_max = max(map(len, prompts))
+        buckets = [min(-(-(p_max + s + 1) // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET, 10**9) for s in range(new)]
+        moved = sum(decode_step_bytes(mdl, rows, t) for t in buckets)
+        row.update(step_ms=1e3 * warm / new, achieved_gb_s=moved / warm / 1e9)
+    results["sampler"].append(row)
+    line = f"sampler rows={rows:4d}: ours {row['ours_tok_s']:9.0f} tok/s (first call {tokens / cold:9.0f})"
+    if "hf_tok_s" in row:
+        line += f" | transformers {row['hf_tok_s']:8.0f} tok/s | ratio {row['speedup']:.1f}x"
+    if "achieved_gb_s" in row:
+        line += f" | {row['step_ms']:.2f} ms/step, {row['achieved_gb_s']:.0f} GB/s moved"
+    print(line, flush=True)
+
+
+def bench_scorer(mdl, tok, results):
+    docs = code_prompts(tok, args.score_docs, min(512, args.score_row))
+    row_len, rows, cur = args.score_row, [], []
+    for d in docs:
+        if sum(map(len, cur)) + len(d) > row_len:
+            rows.append(cur)
+            cur = []
+        cur.append(d)
+    rows.append(cur)
+    dev = next(mdl.parameters()).device
+    ids = torch.zeros(len(rows), row_len, dtype=torch.long)
+    pos, doc = torch.zeros_like(ids), torch.full_like(ids, -1)
+    k = 0
+    for r, row in enumerate(rows):
+        t = 0
+        for d in row:
+            ids[r, t:t + len(d)], pos[r, t:t + len(d)], doc[r, t:t + len(d)] = torch.tensor(d), torch.arange(len(d)), k
+            t, k = t + len(d), k + 1
+    ids, pos, doc = ids.to(dev), pos.to(dev), doc.to(dev)
+    n_tok = sum(map(len, docs))
+    with torch.no_grad():
+        M.packed_logprobs(mdl, ids[:1], pos[:1], doc[:1])  # warm-up
+        _, ours = timed(lambda: M.packed_logprobs(mdl, ids, pos, doc))
+        res = dict(docs=len(docs), tokens=n_tok, packed_rows=len(rows), ours_tok_s=n_tok / ours)
+        if not args.skip_hf:
+            def hf():
+                for i in range(0, len(docs), 16):  # padded batches of 16 documents, full-vocab log-softmax
+                    batch = docs[i:i + 16]
+                    width = max(map(len, batch))
+                    x = torch.full((len(batch), width), tok.pad_token_id)
+                    m = torch.zeros_like(x)
+                    for j, d in enumerate(batch):
+                        x[j, :len(d)], m[j, :len(d)] = torch.tensor(d), 1
+                    x, m = x.to(dev), m.to(dev)
+                    lp = torch.log_softmax(mdl(input_ids=x, attention_mask=m).logits.float(), -1)
+                    lp[:, :-1].gather(2, x[:, 1:, None])
+            hf()
+            _, theirs = timed(hf)
+            res.update(hf_tok_s=n_tok / theirs, speedup=theirs / ours)
+    results["scorer"] = res
+    line = f"scorer {n_tok} tokens in {len(rows)} packed rows: ours {res['ours_tok_s']:9.0f} tok/s"
+    if "hf_tok_s" in res:
+        line += f" | transformers padded {res['hf_tok_s']:9.0f} tok/s | ratio {res['speedup']:.1f}x"
+    print(line, flush=True)
+
+
+def main():
+    mdl, tok = M.load_model(args.model)
+    dev = next(mdl.parameters()).device
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    results = dict(model=args.model, device=name, dtype=str(mdl.dtype), torch=torch.__version__,
+                   params=sum(p.numel() for p in mdl.parameters()), sampler=[])
+    print(f"{args.model} on {name}, {mdl.dtype}, {results['params'] / 1e6:.1f}M parameters", flush=True)
+    if dev.type == "cuda":
+        x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        y = torch.empty_like(x)
+        y.copy_(x)
+        _, t = timed(lambda: [y.copy_(x) for _ in range(10)])
+        results["copy_gb_s"] = 2 * 10 * x.numel() / t / 1e9  # read + write
+        print(f"device copy bandwidth: {results['copy_gb_s']:.0f} GB/s", flush=True)
+        del x, y
+    prompts = code_prompts(tok, args.prompts, args.prompt_tokens)
+    for n in map(int, args.n.split(",")):
+        bench_sampler(mdl, tok, prompts, n, args.max_new_tokens, results)
+    M.release_decoder(mdl)
+    bench_scorer(mdl, tok, results)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

