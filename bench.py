@@ -24,6 +24,8 @@ parser.add_argument("--prompt-tokens", type=int, default=96, help="longest promp
 parser.add_argument("--score-docs", type=int, default=256, help="documents for the scorer benchmark")
 parser.add_argument("--score-row", type=int, default=2048, help="packed row length for the scorer")
 parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+parser.add_argument("--compile", action="store_true", help="also time the sampler with torch.compile (GPU)")
+parser.add_argument("--profile", action="store_true", help="print where a decode step spends its GPU time")
 parser.add_argument("--out", default=None, help="write bench.json here")
 args = parser.parse_args()
 
@@ -98,13 +100,42 @@ def bench_sampler(mdl, tok, prompts, n, new, results):
         buckets = [min(-(-(p_max + s + 1) // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET, 10**9) for s in range(new)]
         moved = sum(decode_step_bytes(mdl, rows, t) for t in buckets)
         row.update(step_ms=1e3 * warm / new, achieved_gb_s=moved / warm / 1e9)
+    if args.compile:
+        M.release_decoder(mdl)
+        _, c_cold = timed(lambda: M.generate(mdl, tok, prompts, seed=0, compile=True, **kw))
+        _, c_warm = timed(lambda: M.generate(mdl, tok, prompts, seed=1, compile=True, **kw))
+        row.update(compiled_tok_s=tokens / c_warm, compiled_first_call_s=c_cold)
+        M.release_decoder(mdl)
     results["sampler"].append(row)
     line = f"sampler rows={rows:4d}: ours {row['ours_tok_s']:9.0f} tok/s (first call {tokens / cold:9.0f})"
+    if "compiled_tok_s" in row:
+        line += f" | compiled {row['compiled_tok_s']:9.0f} tok/s (first call {c_cold:.0f} s)"
     if "hf_tok_s" in row:
         line += f" | transformers {row['hf_tok_s']:8.0f} tok/s | ratio {row['speedup']:.1f}x"
+        if "compiled_tok_s" in row:
+            line += f" (compiled {row['compiled_tok_s'] / row['hf_tok_s']:.1f}x)"
     if "achieved_gb_s" in row:
         line += f" | {row['step_ms']:.2f} ms/step, {row['achieved_gb_s']:.0f} GB/s moved"
     print(line, flush=True)
+
+
+def profile_decode(mdl, tok, prompts, n, new):
+    """CUDA-event time of one graph replay vs a whole sampling step, and the kernels of a few steps."""
+    from torch.profiler import ProfilerActivity, profile
+    kw = dict(n=n, max_new_tokens=new, temperature=1.0, ignore_eos=True, max_rows=len(prompts) * n)
+    M.generate(mdl, tok, prompts, **kw)
+    dec = mdl._ra3_decoder
+    graph, _ = next(iter(dec.graphs.values()))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    sync()
+    print(f"profile: one decode-graph replay {start.elapsed_time(end) / 50:.3f} ms", flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        M.generate(mdl, tok, prompts, **dict(kw, max_new_tokens=16))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
 
 def bench_scorer(mdl, tok, results):
@@ -171,6 +202,8 @@ def main():
     prompts = code_prompts(tok, args.prompts, args.prompt_tokens)
     for n in map(int, args.n.split(",")):
         bench_sampler(mdl, tok, prompts, n, args.max_new_tokens, results)
+    if args.profile and dev.type == "cuda":
+        profile_decode(mdl, tok, prompts, int(args.n.split(",")[0]), args.max_new_tokens)
     M.release_decoder(mdl)
     bench_scorer(mdl, tok, results)
     if args.out:

@@ -434,9 +434,9 @@ class Decoder:
 
     T_BUCKET = 128  # attention reads the cache up to the longest row, rounded up to this (one graph each)
 
-    def __init__(self, model, rows, max_len, cuda_graphs=None):
+    def __init__(self, model, rows, max_len, cuda_graphs=None, compile=False):
         self.model, self.rows, self.max_len = use_ra3_attention(model), rows, max_len
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.base = model.base_model
         self.cache = KVCache(rows, max_len)
         self.tok = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -446,6 +446,10 @@ class Decoder:
         self.logits = None
         self.graphs, self.pool = {}, None
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # torch.compile fuses the many small kernels of a decode step (2x on SmolLM2-135M, see LOG.md) but
+        # compiles for about a minute first: worth it for long RL runs, not for a quick eval
+        self.compiled = compile
+        self.forward_step = torch.compile(self._forward_step) if compile else self._forward_step
 
     @torch.inference_mode()
     def prefill(self, prompts, fanout=1):
@@ -473,7 +477,9 @@ class Decoder:
         return self.logits
 
     def _forward_step(self):
-        mask = (self.slots <= self.pos[:, None])[:, None, None, :]
+        # an additive mask in the model's dtype, built once per step (a bool mask gets converted per layer)
+        mask = torch.zeros(self.rows, self.max_len, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(self.slots > self.pos[:, None], float("-inf"))[:, None, None, :]
         h = self.base(input_ids=self.tok[:, None], position_ids=self.pos[:, None], attention_mask=mask,
                       use_cache=False).last_hidden_state[:, -1]
         return _final_logits(self.model, h)
@@ -492,7 +498,7 @@ class Decoder:
                 graph.replay()
                 self.logits = out
             else:
-                self.logits = self._forward_step()
+                self.logits = self.forward_step()
         advance = torch.from_numpy(live.astype(np.int64)).to(self.device, non_blocking=True)
         self.pos += advance
         self.lengths += live
@@ -507,12 +513,12 @@ class Decoder:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up run: rewrites the same slots the real step writes
-                self._forward_step()
+                self.forward_step()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward_step()
+                out = self.forward_step()
             self.graphs[t_attn] = (graph, out)
         return self.graphs[t_attn]
 
@@ -525,22 +531,22 @@ def pick_tokens(logits, temperature, top_p, generator, forced=None, force_mask=N
     Log-probs are of the temperature-scaled distribution before top-p truncation, which is what a learner
     recomputes with packed_logprobs(temperature=...). Greedy (temperature 0) reports temperature-1 log-probs.
     """
-    logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+    scaled = logits / temperature if temperature > 0 else logits
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
     else:
-        masked = logp
         if top_p < 1.0:
-            sorted_lp, order = logp.sort(dim=-1, descending=True)
-            mass_before = sorted_lp.exp().cumsum(dim=-1) - sorted_lp.exp()
-            drop = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, order, mass_before >= top_p)
-            masked = logp.masked_fill(drop, float("-inf"))
-        # Gumbel-max with exponential noise: argmax(log p - log E), E ~ Exp(1), draws from softmax(masked)
-        noise = torch.empty_like(logp).exponential_(generator=generator)
-        tokens = (masked - noise.log()).argmax(dim=-1)
+            probs, order = torch.softmax(scaled, dim=-1).sort(dim=-1, descending=True)
+            drop = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, order, probs.cumsum(-1) - probs >= top_p)
+            scaled_kept = scaled.masked_fill(drop, float("-inf"))
+        else:
+            scaled_kept = scaled
+        # Gumbel-max with exponential noise: argmax(x - log E), E ~ Exp(1), is a draw from softmax(x)
+        noise = torch.empty_like(scaled).exponential_(generator=generator).log_()
+        tokens = (scaled_kept - noise).argmax(dim=-1)
     if forced is not None:
         tokens = torch.where(force_mask, forced, tokens)
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    return tokens, scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -599,7 +605,7 @@ def _normalize_plans(prompts, plans, max_new_tokens):
 
 
 def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, stop=(), seed=0,
-             plans=None, max_rows=256, ignore_eos=False, cuda_graphs=None, progress=False):
+             plans=None, max_rows=256, ignore_eos=False, cuda_graphs=None, compile=False, progress=False):
     """Sample n continuations per prompt with a KV cache; return Samples.
 
     prompts: token-id lists or strings. plans: optional, one per prompt, a list of segments: an int k
@@ -608,6 +614,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_
     plan: [max_new_tokens]. The row ends when its plan does. Each prompt is prefilled once and its KV
     cache copied to its n rows. temperature 0 is greedy; top_p < 1 is nucleus sampling. ignore_eos
     (for benchmarks) lets eos through like any token. max_rows bounds the rows decoded together.
+    compile=True runs the decode step through torch.compile (faster steps after a slow first call).
     """
     prompts = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     plans = _normalize_plans(prompts, plans, max_new_tokens)
@@ -621,7 +628,8 @@ def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_
         raise ValueError(f"prompt + plan need {need} positions; the model takes at most {_model_max_len(model)}")
     per_chunk = max(1, min(len(prompts), max_rows // n))
     # one decoder (KV cache, CUDA graphs) serves every chunk; a short last chunk is padded with dead rows
-    decoder = _reusable_decoder(model, per_chunk * n, -(-need // Decoder.T_BUCKET) * Decoder.T_BUCKET, cuda_graphs)
+    decoder = _reusable_decoder(model, per_chunk * n, -(-need // Decoder.T_BUCKET) * Decoder.T_BUCKET, cuda_graphs,
+                                compile)
     gen = torch.Generator(device=decoder.device).manual_seed(seed)
     parts = []
     for start in range(0, len(prompts), per_chunk):
@@ -638,14 +646,14 @@ def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_
                    [f for p in parts for f in p.finish])
 
 
-def _reusable_decoder(model, rows, max_len, cuda_graphs):
+def _reusable_decoder(model, rows, max_len, cuda_graphs, compile):
     """The model keeps its last Decoder, so repeated calls of the same shape (RL steps, eval batches)
     reuse its KV cache and CUDA graphs; release_decoder(model) gives the memory back."""
     d = getattr(model, "_ra3_decoder", None)
     graphs = next(model.parameters()).device.type == "cuda" if cuda_graphs is None else cuda_graphs
-    if d is None or d.rows != rows or d.max_len < max_len or d.use_graphs != graphs:
+    if d is None or (d.rows, d.use_graphs, d.compiled) != (rows, graphs, compile) or d.max_len < max_len:
         release_decoder(model)
-        d = model._ra3_decoder = Decoder(model, rows, max_len, cuda_graphs=graphs)
+        d = model._ra3_decoder = Decoder(model, rows, max_len, cuda_graphs=graphs, compile=compile)
     return d
 
 

@@ -378,4 +378,6 @@ def test_cuda_graphs_equal_eager():
     kw = dict(n=4, max_new_tokens=40, temperature=0)
     a = M.generate(mdl, tok, PROMPTS, cuda_graphs=True, **kw)
     b = M.generate(mdl, tok, PROMPTS, cuda_graphs=False, **kw)
-    assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
+    c = M.generate(mdl, tok, PROMPTS, cuda_graphs=True, compile=True, **kw)
+    for other in (b, c):
+        assert torch.equal(a.tokens, other.tokens) and torch.allclose(a.logprobs, other.logprobs, atol=1e-4)
