@@ -93,6 +93,7 @@ def bench_sampler(mdl, tok, prompts, n, new, results):
     tokens = int(out.lengths.sum())
     row = dict(rows=rows, new_tokens=tokens, ours_s=warm, ours_cold_s=cold, ours_tok_s=tokens / warm)
     if not args.skip_hf:
+        hf_generate(mdl, tok, prompts, n, 4)  # warm-up, as ours had its first call
         hf_tokens, hf_s = timed(lambda: hf_generate(mdl, tok, prompts, n, new))
         row.update(hf_s=hf_s, hf_tok_s=hf_tokens / hf_s, speedup=(tokens / warm) / (hf_tokens / hf_s))
     if torch.cuda.is_available():
