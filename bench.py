@@ -22,7 +22,7 @@ parser.add_argument("--n", default="4", help="samples per prompt; a comma list r
 parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per row")
 parser.add_argument("--prompt-tokens", type=int, default=96, help="longest prompt, in tokens (they vary 50-100%%)")
 parser.add_argument("--score-docs", type=int, default=256, help="documents for the scorer benchmark")
-parser.add_argument("--score-row", type=int, default=2048, help="packed row length for the scorer")
+parser.add_argument("--score-rows", default="512,1024,2048", help="packed row lengths to time the scorer at")
 parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
 parser.add_argument("--compile", action="store_true", help="also time the sampler with torch.compile (GPU)")
 parser.add_argument("--profile", action="store_true", help="print where a decode step spends its GPU time")
@@ -139,16 +139,15 @@ def profile_decode(mdl, tok, prompts, n, new):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
 
-def bench_scorer(mdl, tok, results):
-    docs = code_prompts(tok, args.score_docs, min(512, args.score_row))
-    row_len, rows, cur = args.score_row, [], []
+def pack(docs, row_len, dev):
+    """First-fit packing into rows of row_len tokens (data.py owns the real packer; this is the bench's)."""
+    rows, cur = [], []
     for d in docs:
         if sum(map(len, cur)) + len(d) > row_len:
             rows.append(cur)
             cur = []
         cur.append(d)
     rows.append(cur)
-    dev = next(mdl.parameters()).device
     ids = torch.zeros(len(rows), row_len, dtype=torch.long)
     pos, doc = torch.zeros_like(ids), torch.full_like(ids, -1)
     k = 0
@@ -157,32 +156,44 @@ def bench_scorer(mdl, tok, results):
         for d in row:
             ids[r, t:t + len(d)], pos[r, t:t + len(d)], doc[r, t:t + len(d)] = torch.tensor(d), torch.arange(len(d)), k
             t, k = t + len(d), k + 1
-    ids, pos, doc = ids.to(dev), pos.to(dev), doc.to(dev)
+    return ids.to(dev), pos.to(dev), doc.to(dev)
+
+
+def hf_score(mdl, tok, docs, dev):
+    for i in range(0, len(docs), 16):  # padded batches of 16 documents, full-vocab log-softmax
+        batch = docs[i:i + 16]
+        width = max(map(len, batch))
+        x = torch.full((len(batch), width), tok.pad_token_id)
+        m = torch.zeros_like(x)
+        for j, d in enumerate(batch):
+            x[j, :len(d)], m[j, :len(d)] = torch.tensor(d), 1
+        x, m = x.to(dev), m.to(dev)
+        lp = torch.log_softmax(mdl(input_ids=x, attention_mask=m).logits.float(), -1)
+        lp[:, :-1].gather(2, x[:, 1:, None])
+
+
+def bench_scorer(mdl, tok, results):
+    docs = code_prompts(tok, args.score_docs, 512)
+    dev = next(mdl.parameters()).device
     n_tok = sum(map(len, docs))
+    results["scorer"] = []
     with torch.no_grad():
-        M.packed_logprobs(mdl, ids[:1], pos[:1], doc[:1])  # warm-up
-        _, ours = timed(lambda: M.packed_logprobs(mdl, ids, pos, doc))
-        res = dict(docs=len(docs), tokens=n_tok, packed_rows=len(rows), ours_tok_s=n_tok / ours)
         if not args.skip_hf:
-            def hf():
-                for i in range(0, len(docs), 16):  # padded batches of 16 documents, full-vocab log-softmax
-                    batch = docs[i:i + 16]
-                    width = max(map(len, batch))
-                    x = torch.full((len(batch), width), tok.pad_token_id)
-                    m = torch.zeros_like(x)
-                    for j, d in enumerate(batch):
-                        x[j, :len(d)], m[j, :len(d)] = torch.tensor(d), 1
-                    x, m = x.to(dev), m.to(dev)
-                    lp = torch.log_softmax(mdl(input_ids=x, attention_mask=m).logits.float(), -1)
-                    lp[:, :-1].gather(2, x[:, 1:, None])
-            hf()
-            _, theirs = timed(hf)
-            res.update(hf_tok_s=n_tok / theirs, speedup=theirs / ours)
-    results["scorer"] = res
-    line = f"scorer {n_tok} tokens in {len(rows)} packed rows: ours {res['ours_tok_s']:9.0f} tok/s"
-    if "hf_tok_s" in res:
-        line += f" | transformers padded {res['hf_tok_s']:9.0f} tok/s | ratio {res['speedup']:.1f}x"
-    print(line, flush=True)
+            hf_score(mdl, tok, docs[:16], dev)  # warm-up
+            _, theirs = timed(lambda: hf_score(mdl, tok, docs, dev))
+            print(f"scorer, {len(docs)} documents of 256-512 tokens: transformers padded batches "
+                  f"{n_tok / theirs:9.0f} tok/s", flush=True)
+        for row_len in map(int, args.score_rows.split(",")):
+            ids, pos, doc = pack(docs, row_len, dev)
+            M.packed_logprobs(mdl, ids[:1], pos[:1], doc[:1])  # warm-up
+            _, ours = timed(lambda: M.packed_logprobs(mdl, ids, pos, doc))
+            res = dict(docs=len(docs), tokens=n_tok, row_len=row_len, packed_rows=len(ids), ours_tok_s=n_tok / ours)
+            line = f"scorer, packed rows of {row_len:4d}: ours {res['ours_tok_s']:9.0f} tok/s"
+            if not args.skip_hf:
+                res.update(hf_tok_s=n_tok / theirs, speedup=theirs / ours)
+                line += f" | ratio {res['speedup']:.1f}x"
+            results["scorer"].append(res)
+            print(line, flush=True)
 
 
 def main():

@@ -784,13 +784,21 @@ def chunked_logprobs(model, hidden, targets, temperature=1.0, chunk=2048):
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def packed_logprobs(model, input_ids, position_ids, doc_ids, temperature=1.0, chunk=2048):
+def packed_logprobs(model, input_ids, position_ids, doc_ids, temperature=1.0, chunk=2048, tokens_per_pass=16384):
     """lp[r, t] = log p(input_ids[r, t] | the earlier tokens of its document), for packed rows.
 
     input_ids, position_ids, doc_ids: [rows, T]; positions restart at 0 in each document; doc id < 0 is
     padding. The first token of each document and pads get 0. Attention never crosses documents.
+    Rows go through the model tokens_per_pass tokens at a time (the attention mask is rows x T x T).
     Differentiable when grad is enabled (the M-step and RL losses use it)."""
     use_ra3_attention(model)
+    step = max(1, tokens_per_pass // input_ids.shape[1])
+    return torch.cat([_packed_logprobs_pass(model, input_ids[i:i + step], position_ids[i:i + step],
+                                            doc_ids[i:i + step], temperature, chunk)
+                      for i in range(0, input_ids.shape[0], step)])
+
+
+def _packed_logprobs_pass(model, input_ids, position_ids, doc_ids, temperature, chunk):
     hidden = model.base_model(input_ids=input_ids, position_ids=position_ids,
                               attention_mask=block_causal_mask(doc_ids), use_cache=False).last_hidden_state
     scored = (doc_ids[:, 1:] == doc_ids[:, :-1]) & (doc_ids[:, 1:] >= 0)
