@@ -469,7 +469,6 @@ class Decoder:
         with _kv_cache(self.cache):
             h = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                           use_cache=False).last_hidden_state
-        self.cache.mode = "decode"
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]
         self.logits = _final_logits(self.model, last).repeat_interleave(fanout, dim=0)
         self.pos.copy_(lens.repeat_interleave(fanout))
@@ -490,6 +489,7 @@ class Decoder:
         if (self.lengths[live] >= self.max_len).any():
             raise ValueError(f"a row reached the KV cache length {self.max_len}")
         self.tok.copy_(tokens)
+        self.cache.mode = "decode"
         t_attn = min(self.max_len, -(-(int(self.lengths.max()) + 1) // self.T_BUCKET) * self.T_BUCKET)
         self.cache.pos, self.cache.t_attn = self.pos, t_attn
         with _kv_cache(self.cache):
