@@ -31,6 +31,7 @@ args = parser.parse_args()
 
 import torch  # noqa: E402
 
+import data as D  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -139,26 +140,6 @@ def profile_decode(mdl, tok, prompts, n, new):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
 
-def pack(docs, row_len, dev):
-    """First-fit packing into rows of row_len tokens (data.py owns the real packer; this is the bench's)."""
-    rows, cur = [], []
-    for d in docs:
-        if sum(map(len, cur)) + len(d) > row_len:
-            rows.append(cur)
-            cur = []
-        cur.append(d)
-    rows.append(cur)
-    ids = torch.zeros(len(rows), row_len, dtype=torch.long)
-    pos, doc = torch.zeros_like(ids), torch.full_like(ids, -1)
-    k = 0
-    for r, row in enumerate(rows):
-        t = 0
-        for d in row:
-            ids[r, t:t + len(d)], pos[r, t:t + len(d)], doc[r, t:t + len(d)] = torch.tensor(d), torch.arange(len(d)), k
-            t, k = t + len(d), k + 1
-    return ids.to(dev), pos.to(dev), doc.to(dev)
-
-
 def hf_score(mdl, tok, docs, dev):
     for i in range(0, len(docs), 16):  # padded batches of 16 documents, full-vocab log-softmax
         batch = docs[i:i + 16]
@@ -184,7 +165,8 @@ def bench_scorer(mdl, tok, results):
             print(f"scorer, {len(docs)} documents of 256-512 tokens: transformers padded batches "
                   f"{n_tok / theirs:9.0f} tok/s", flush=True)
         for row_len in map(int, args.score_rows.split(",")):
-            ids, pos, doc = pack(docs, row_len, dev)
+            p = D.pack(docs, row_len)
+            ids, pos, doc = p.input_ids.to(dev), p.position_ids.to(dev), p.doc_ids.to(dev)
             M.packed_logprobs(mdl, ids[:1], pos[:1], doc[:1])  # warm-up
             _, ours = timed(lambda: M.packed_logprobs(mdl, ids, pos, doc))
             res = dict(docs=len(docs), tokens=n_tok, row_len=row_len, packed_rows=len(ids), ours_tok_s=n_tok / ours)

@@ -3,10 +3,10 @@
 Paper object                                   -> here
   expert trace: prompt s_0, line actions a_1..a_T  -> Trace (prompt, actions, suffix); split_function
   latent z_t written before a_t (a comment line)   -> render(trace, latents); strip = render without them
-  M-step data: latent-infused traces, packed       -> encode_trace, pack
+  M-step data: latent-infused traces, packed       -> write_traces/read_traces, encode_traces, pack
   mid-training corpus (code)                        -> traces_from_dir (stdlib by default), traces_from_hf
   RLVR / eval problems with unit tests              -> Problem, load_problems (HumanEval(+), MBPP(+), jsonl)
-  the controlled world                              -> minicode: make_task, minicode_problems, minicode_corpus
+  the controlled world                              -> minicode: make_task, minicode_tasks, minicode_corpus
 
 A line action is one *logical* line of code: a statement that spans several physical lines (an open
 bracket, a backslash, a multi-line string) is one action, because a comment cannot go inside a string
@@ -306,24 +306,29 @@ def read_traces(path):
     return traces, latents
 
 
-def encode_trace(tok, trace, latents=None, max_len=None):
-    """Token ids of render(trace, latents), with masks: `prompt` (tokens inside the prompt) and `latent`
-    (tokens overlapping a latent comment line). BOS/EOS as the tokenizer adds them, plus EOS at the end."""
-    text = render(trace, latents)
-    enc = tok(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
-        ids.append(tok.eos_token_id)
-        offsets.append((len(text), len(text)))
-    starts = np.array([a for a, _ in offsets])
-    ends = np.array([b for _, b in offsets])
-    prompt = ends <= len(trace.prompt)
-    latent = np.zeros(len(ids), bool)
-    for a, b in latent_spans(trace, latents) if latents is not None else []:
-        latent |= (starts < b) & (ends > a)
-    if max_len is not None:
-        ids, prompt, latent = ids[:max_len], prompt[:max_len], latent[:max_len]
-    return ids, prompt, latent
+def encode_traces(tok, traces, latents=None):
+    """Token ids of render(trace, latents) for many traces (one batched tokenizer call), with two masks
+    per trace: `prompt` (tokens inside the prompt) and `latent` (tokens overlapping a latent comment
+    line). BOS as the tokenizer adds it, EOS appended. Returns a list of (ids, prompt, latent)."""
+    latents = latents if latents is not None else [None] * len(traces)
+    texts = [render(t, z) for t, z in zip(traces, latents)]
+    enc = tok(texts, return_offsets_mapping=True, add_special_tokens=True, verbose=False)
+    out = []
+    for t, z, text, ids, offsets in zip(traces, latents, texts, enc["input_ids"], enc["offset_mapping"]):
+        ids, offsets = list(ids), np.array(offsets, dtype=np.int64).reshape(-1, 2)
+        if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+            ids.append(tok.eos_token_id)
+            offsets = np.concatenate([offsets, [[len(text), len(text)]]])
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        latent = np.zeros(len(ids), bool)
+        for a, b in latent_spans(t, z) if z is not None else []:
+            latent |= (starts < b) & (ends > a)
+        out.append((ids, ends <= len(t.prompt), latent))
+    return out
+
+
+def encode_trace(tok, trace, latents=None):
+    return encode_traces(tok, [trace], None if latents is None else [latents])[0]
 
 
 # =====================================================================================================
@@ -841,7 +846,6 @@ STEPS = [
        ["keep frequent ones", "filter rare entries"], params=(("k", (2, 3)),),
        comp="{o} = {{key: c for key, c in {i}.items() if c >= {k}}}"),
 ]
-STEP_BY_KIND = {s.kind: s for s in STEPS}
 RESULT_PHRASES = ["Return the result.", "Return what is left.", "Return the final value.", ""]
 OPENERS = ["Given {arg}, {steps}.", "Take {arg}: {steps}.", "For {arg}, {steps}.", "{Steps}. The input is {arg}."]
 
@@ -885,7 +889,7 @@ def _random_input(rng, typ):
 @dataclasses.dataclass
 class MinicodeTask:
     kinds: tuple
-    problem: "Problem"
+    problem: Problem
     trace: Trace            # the expert trace (no comments)
     plan_comments: list     # a plan comment per action or None (pretraining corpus; None where no step starts)
 
@@ -1008,7 +1012,7 @@ def main(args):
     t_build = time.perf_counter() - t0
     _, tok = model.load_model(args.tokenizer, device="cpu")
     t0 = time.perf_counter()
-    docs = [encode_trace(tok, t)[0] for t in traces]
+    docs = [ids for ids, _, _ in encode_traces(tok, traces)]
     t_tok = time.perf_counter() - t0
     t0 = time.perf_counter()
     packed = pack(docs, args.row_len)
