@@ -15,7 +15,7 @@ front of its code; a latent comment is inserted right before the code, at its in
 prompt + actions + suffix is the function's source byte for byte, and so is the rendered text once the
 latents are taken out.
 
-`python data.py --corpus minicode|stdlib|DIR|hf:NAME --tokenizer SPEC` prints corpus sizes (traces,
+`python data.py --corpus minicode-midtrain|stdlib|DIR|hf:NAME --tokenizer SPEC` prints corpus sizes (traces,
 lines, tokens) and the time to build and pack them.
 """
 
@@ -40,7 +40,8 @@ import torch
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build a corpus of expert traces and report its size.")
-    parser.add_argument("--corpus", default="minicode", help="minicode, stdlib, a directory of .py files, or hf:NAME")
+    parser.add_argument("--corpus", default="minicode-midtrain",
+                        help="minicode-midtrain, minicode-pretrain, stdlib, a directory of .py files, hf:NAME or a .jsonl")
     parser.add_argument("--tasks", type=int, default=10000, help="minicode: number of tasks")
     parser.add_argument("--field", default="content", help="hf: the text field of each record")
     parser.add_argument("--tokenizer", default="tiny-llama", help="model spec whose tokenizer counts tokens")
@@ -984,7 +985,7 @@ def minicode_corpus(kind, n, seed=0):
     (as real code often does); kind='midtrain': expert traces without comments (RA3's to annotate)."""
     if kind == "pretrain":
         tasks = minicode_tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain")
-        return [render(t.trace, t.plan_comments) for t in tasks]
+        return [render(t.trace, t.plan_comments) for t in tasks]  # load_traces keeps them apart
     if kind == "midtrain":
         return [t.trace for t in minicode_tasks(n, seed=200 + seed, prefix="minicode-midtrain")]
     raise ValueError(f"minicode_corpus: kind is 'pretrain' or 'midtrain', not {kind!r}")
@@ -994,21 +995,32 @@ def minicode_corpus(kind, n, seed=0):
 # Corpus statistics (python data.py ...)
 # =====================================================================================================
 
-def corpus_traces(corpus, n_tasks=10000, field="content"):
-    """Traces of a named corpus: minicode (mid-training traces), stdlib, a directory, or hf:NAME."""
-    if corpus == "minicode":
-        return minicode_corpus("midtrain", n_tasks)
-    if corpus == "stdlib":
-        return traces_from_dir()[0]
-    if corpus.startswith("hf:"):
-        return traces_from_hf(corpus[3:], field=field)[0]
-    return traces_from_dir(corpus)[0]
+def load_traces(spec, n_tasks=10000, field="content"):
+    """(traces, latents or None) of a named corpus: a traces .jsonl (as estep.py writes them, latents
+    included), minicode-pretrain (plan comments as latents), minicode-midtrain, stdlib, a directory of
+    .py files, or hf:NAME_OR_PATH (with `field`)."""
+    if spec == "minicode-pretrain":
+        tasks = minicode_tasks(n_tasks, seed=100, comment_rate=0.5, prefix="minicode-pretrain")
+        return [t.trace for t in tasks], [t.plan_comments for t in tasks]
+    if spec == "minicode-midtrain":
+        return minicode_corpus("midtrain", n_tasks), None
+    if spec == "stdlib":
+        return traces_from_dir()[0], None
+    if spec.startswith("hf:"):
+        return traces_from_hf(spec[3:], field=field)[0], None
+    if spec.endswith((".jsonl", ".jsonl.gz")):
+        traces, latents = read_traces(spec)
+        return traces, latents if any(z is not None for z in latents) else None
+    if Path(spec).is_dir():
+        return traces_from_dir(spec)[0], None
+    raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, minicode-pretrain, minicode-midtrain, stdlib, "
+                    "a directory of .py files, or hf:NAME")
 
 
 def main(args):
     import model
     t0 = time.perf_counter()
-    traces = corpus_traces(args.corpus, args.tasks, args.field)
+    traces, _ = load_traces(args.corpus, args.tasks, args.field)
     t_build = time.perf_counter() - t0
     _, tok = model.load_model(args.tokenizer, device="cpu")
     t0 = time.perf_counter()

@@ -285,8 +285,10 @@ def _recover_checkpoint(path):
         os.rename(old, path)
 
 
-def save_checkpoint(model, tok, path, stage, args=None, metrics=None):
+def save_checkpoint(model, tok, path, stage, args=None, metrics=None, extra=None, state_dict=None):
     """Write model + tokenizer + ra3.json to `path` atomically: to a temp dir first, then renamed.
+    extra: {file name: object} saved alongside with torch.save (e.g. optimizer state for resuming).
+    state_dict: the weights to write instead of model.state_dict() (e.g. gathered from FSDP shards).
 
     A crash at any point leaves either the previous checkpoint or the new one, never a mix."""
     path = Path(path)
@@ -294,16 +296,22 @@ def save_checkpoint(model, tok, path, stage, args=None, metrics=None):
     _recover_checkpoint(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a bar per save is noise in a training log
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tok.save_pretrained(tmp)
         meta = dict(stage=stage, args=args or {}, metrics=metrics or {}, code_version=code_version(),
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         (tmp / "ra3.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        hf_logging.enable_progress_bar()
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.rename(path, old)

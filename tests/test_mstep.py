@@ -1,0 +1,154 @@
+"""mstep.py: the loss, 1 rank = 2 ranks, kill-and-resume = uninterrupted, masks, bad input."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data as D
+import model as M
+import mstep
+from helpers import tiny
+
+ROOT = Path(mstep.__file__).resolve().parent
+TINY = ["--init", "scratch", "--data", "minicode-pretrain", "--n-tasks", "300", "--hidden", "64", "--layers", "2",
+        "--heads", "4", "--kv-heads", "2", "--vocab-size", "512", "--seq-len", "256", "--batch-tokens", "4096",
+        "--micro-rows", "2", "--lr", "3e-3", "--warmup", "2", "--eval-every", "4"]
+
+
+def run(args, torchrun=0, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={free_port()}"] \
+        if torchrun else [sys.executable]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd + [str(ROOT / "mstep.py")] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if not wait:
+        return p
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_outputs_are_written(tmp_path):
+    summary = mstep.main(mstep.parser.parse_args(TINY + ["--steps", "12", "--out", str(tmp_path)]))
+    curve = losses(tmp_path)
+    assert len(curve) == 12 and curve[-1] < curve[0] - 0.5
+    assert summary["eval_loss"] is not None and (tmp_path / "summary.json").is_file()
+    mdl, tok = M.load_model(str(tmp_path / "model"), device="cpu")  # the output is a loadable model
+    assert M.read_meta(tmp_path / "model")["stage"] == "mstep"
+    assert M.generate(mdl, tok, ["def f(nums):\n"], max_new_tokens=4, temperature=0).lengths[0] > 0
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_one_rank_equals_two_ranks(tmp_path, sharding):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(TINY + ["--steps", "4", "--out", str(one)])
+    run(TINY + ["--steps", "4", "--out", str(two)] + sharding, torchrun=2)
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    ea = [json.loads(x).get("eval_loss") for x in (one / "metrics.jsonl").read_text().splitlines()]
+    eb = [json.loads(x).get("eval_loss") for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert abs(ea[-1] - eb[-1]) < 1e-5
+    a_model, _ = M.load_model(str(one / "model"), device="cpu")  # the 2-rank model saved whole, and equal
+    b_model, _ = M.load_model(str(two / "model"), device="cpu")
+    for (n, p), (_, q) in zip(a_model.named_parameters(), b_model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    args = TINY + ["--steps", "8", "--save-every", "3"]
+    run(args + ["--out", str(tmp_path / "full")])
+    p = run(args + ["--out", str(tmp_path / "cut")], wait=False)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            os.killpg(p.pid, signal.SIGKILL)  # dies mid-run, after the step-3 checkpoint
+            break
+        time.sleep(0.02)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    out = run(args + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert "resumed from" in out
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(cut) == 8 and max(abs(x - y) for x, y in zip(full, cut)) < 1e-6, (full, cut)
+
+
+def packed_batch(tok, traces, latents, args):
+    packed, _ = mstep.build_rows(tok, traces, latents, args)
+    mask = mstep.targets(packed)
+    return (packed.input_ids, packed.position_ids, packed.doc_ids, mask), packed
+
+
+def test_packed_loss_equals_unpacked():
+    mdl, tok = tiny("tiny-llama")
+    tasks = D.minicode_tasks(6, seed=2, comment_rate=0.5)
+    traces, latents = [t.trace for t in tasks], [t.plan_comments for t in tasks]
+    args = mstep.parser.parse_args(["--seq-len", "512", "--eval-share", "0"])
+    batch, packed = packed_batch(tok, traces, latents, args)
+    assert len(packed.input_ids) < len(traces)  # several traces share a row
+    net = mstep.LogProbs(mdl)
+    with torch.no_grad():
+        n_targets = batch[3].sum()
+        packed_loss = mstep.batch_loss(net, batch, n_targets)
+        total, count = 0.0, 0
+        for ids, _, _ in D.encode_traces(tok, traces, latents):
+            lp = M.packed_logprobs(mdl, torch.tensor([ids]), torch.arange(len(ids))[None], torch.zeros(1, len(ids), dtype=torch.long))
+            total += -lp[0, 1:].sum().item()
+            count += len(ids) - 1
+    assert int(n_targets) == count and abs(packed_loss.item() - total / count) < 1e-5
+
+
+def test_masked_latent_tokens_get_no_gradient():
+    mdl, tok = tiny("tiny-qwen2")
+    tasks = D.minicode_tasks(4, seed=3, comment_rate=1.0)
+    traces, latents = [t.trace for t in tasks], [t.plan_comments for t in tasks]
+    masked = mstep.parser.parse_args(["--seq-len", "512", "--eval-share", "0", "--mask-latents"])
+    full = mstep.parser.parse_args(["--seq-len", "512", "--eval-share", "0"])
+    batch, _ = packed_batch(tok, traces, latents, masked)
+    batch_all, _ = packed_batch(tok, traces, latents, full)
+    assert batch[3].sum() < batch_all[3].sum()
+    net = mstep.LogProbs(mdl)
+    mstep.batch_loss(net, batch, 1.0).backward()
+    grad = {n: p.grad.clone() for n, p in mdl.named_parameters()}
+    mdl.zero_grad()
+    # reference: per-token log-probs of every token, summed only where the token is not in a latent line
+    ids, pos, doc, _ = batch_all
+    lp = M.packed_logprobs(mdl, ids, pos, doc)
+    latent_tokens = batch_all[3] & ~batch[3]
+    assert latent_tokens.sum() > 20
+    (-(lp * (batch_all[3] & ~latent_tokens)).sum()).backward()
+    for n, p in mdl.named_parameters():
+        assert torch.allclose(grad[n], p.grad, atol=1e-6), n
+
+
+def test_bad_input_messages(tmp_path):
+    mstep.main(mstep.parser.parse_args(TINY + ["--steps", "2", "--out", str(tmp_path / "a")]))
+    other = [a if a != "64" else "96" for a in TINY]  # another model: hidden 96
+    with pytest.raises(ValueError, match="cannot resume: .* written with --hidden 64, this run has 96"):
+        mstep.main(mstep.parser.parse_args(other + ["--steps", "2", "--out", str(tmp_path / "a"), "--resume"]))
+    with pytest.raises(ValueError, match="--seq-len 4096 is longer than the model takes"):
+        mstep.main(mstep.parser.parse_args(["--model", str(tmp_path / "a" / "model"), "--data", "minicode-midtrain",
+                                            "--n-tasks", "50", "--seq-len", "4096", "--out", str(tmp_path / "b")]))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(D.DataError, match="empty.jsonl: no traces"):
+        mstep.main(mstep.parser.parse_args(TINY[:2] + ["--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "c")]))
+    (tmp_path / "bad.jsonl").write_text('{"id": "x", "prompt": "def f():\\n"}\n')
+    with pytest.raises(D.DataError, match="bad.jsonl, line 1: missing field 'actions'"):
+        mstep.main(mstep.parser.parse_args(TINY[:2] + ["--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "c")]))
