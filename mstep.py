@@ -19,7 +19,7 @@ torchrun --nproc_per_node=N mstep.py ... runs DDP (gloo on CPU, NCCL on GPU); --
 import argparse
 
 parser = argparse.ArgumentParser(description="Next-token prediction on traces: M-step, NTP baseline, pretraining.")
-parser.add_argument("--model", default="models/minicode-base", help="model to start from (model.py spec)")
+parser.add_argument("--model", default="minicode-base", help="model to start from (model.py spec)")
 parser.add_argument("--init", choices=["model", "scratch"], default="model",
                     help="start from --model, or from random weights with a tokenizer trained on --data")
 parser.add_argument("--data", default="minicode-midtrain",
