@@ -511,20 +511,25 @@ def _entry_point(code, example, where):
 
 
 def _mbpp(r, where):
+    """MBPP tests are asserts on the function by name, run at module level; check() is then a no-op kept for
+    the one protocol (some MBPP functions are themselves called `check`, so the asserts cannot live in it)."""
     tests = _field(r, "test_list", where)
     code = _field(r, "code", where).replace("\r\n", "\n")
     text = r.get("text") or _field(r, "prompt", where)
     setup = r.get("test_setup_code", "") or "\n".join(r.get("test_imports", []) or [])
-    body = "".join(f"    {t.strip()}\n" for t in tests)
+    asserts = "".join(f"{t.strip()}\n" for t in tests)
     return Problem(f"mbpp/{r['task_id']}", _mbpp_prompt(text, tests[0]), _entry_point(code, tests[0], where),
-                   f"\n\n{setup}\n\ndef check(candidate):\n{body}", code, source="mbpp")
+                   f"\n\n{setup}\n{asserts}\n\ndef check(candidate):\n    pass\n", code, source="mbpp")
 
 
 PLUS_CHECK = '''
+_candidate = {entry}  # bound before check() is defined: some MBPP+ functions are called check
 import copy as _copy
 import math as _math
 
 def _same(out, exp, atol):
+    if type(exp).__eq__ is object.__eq__ and exp is not None:  # no value equality (a re.Match, say): compare
+        return bool(out) == bool(exp)                           # truthiness, as the task's own asserts do
     if isinstance(exp, float) or isinstance(out, float):
         if isinstance(exp, (int, float)) and isinstance(out, (int, float)) and not isinstance(out, bool):
             return _math.isclose(out, exp, rel_tol=1e-7, abs_tol=max(atol, 1e-6)) or (_math.isnan(exp) and _math.isnan(out))
@@ -535,8 +540,49 @@ def _same(out, exp, atol):
 
 def check(candidate):
     for args, exp in zip(_INPUTS, _EXPECTED):
-        assert _same(candidate(*_copy.deepcopy(args)), exp, _ATOL), f"wrong output for {args!r}"[:300]
+        assert _same(_candidate(*_copy.deepcopy(args)), exp, _ATOL), f"wrong output for {{args!r}}"[:300]
 '''
+
+
+SHAPE_INPUTS = '''
+def _shape(value, like):
+    """JSON has no tuples, sets or complex numbers: give each input the types of the task's own example."""
+    if isinstance(like, tuple) and isinstance(value, list) and any(isinstance(x, tuple) for x in like):
+        return _deep_tuple(value)  # tuples of tuples: every list inside was a tuple
+    if isinstance(like, (tuple, set, frozenset, list)) and isinstance(value, list):
+        items = list(like)
+        return type(like)(_shape(v, items[min(i, len(items) - 1)] if items else None) for i, v in enumerate(value))
+    if isinstance(like, dict) and isinstance(value, dict):
+        inner = next(iter(like.values()), None)
+        return {k: _shape(v, inner) for k, v in value.items()}
+    if isinstance(value, str) and isinstance(like, (int, float, complex)) and not isinstance(like, bool):
+        for kind in (int, float, complex):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+def _deep_tuple(v):
+    return tuple(_deep_tuple(x) for x in v) if isinstance(v, list) else v
+
+_INPUTS = [[_shape(a, l) for a, l in zip(args, _LIKE)] if len(args) == len(_LIKE) else args for args in _INPUTS]
+'''
+
+
+def _example_args(assertion, entry):
+    """The literal arguments of the first call to `entry` in a task's assertion text, or None."""
+    try:
+        tree = ast.parse(assertion)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == entry:
+            try:
+                return [ast.literal_eval(a) for a in node.args]
+            except (ValueError, SyntaxError):
+                return None
+    return None
 
 
 def _plus(r, where, base):
@@ -554,10 +600,16 @@ def _plus(r, where, base):
         reference, prompt = solution, _mbpp_prompt(text, example[0] if example else "")
     else:
         reference = prompt + solution
-    setup = (f"import copy as _copy\n_ref_ns = {{}}\nexec({reference!r}, _ref_ns)\n_INPUTS = {inputs!r}\n"
+    like = _example_args(r.get("assertion") or "", entry)
+    # inputs travel as JSON text: json keeps big integers exact and spells inf/nan as Infinity/NaN; then
+    # _shape restores the tuples, sets and complex numbers JSON cannot hold, after the task's own example
+    setup = (f"import copy as _copy, json as _json\n_INPUTS = _json.loads({json.dumps(inputs)!r})\n"
+             + (f"_LIKE = {like!r}\n{SHAPE_INPUTS}" if like else "")
+             + f"_ref_ns = {{}}\nexec({reference!r}, _ref_ns)\n"
              f"_EXPECTED = [_ref_ns[{entry!r}](*_copy.deepcopy(a)) for a in _INPUTS]\n"
              f"_ATOL = {float(r.get('atol') or 0)!r}\ndel _ref_ns\n")
-    return Problem(r["task_id"], prompt, entry, PLUS_CHECK, solution, test_setup=setup, source=base)
+    return Problem(r["task_id"], prompt, entry, PLUS_CHECK.format(entry=entry), solution, test_setup=setup,
+                   source=base)
 
 
 def _json_field(r, field, where):
