@@ -425,12 +425,12 @@ class KVCache:
         return out.reshape(b, h, 1, d).transpose(1, 2), None
 
 
-def _model_max_len(model):
+def model_max_len(model):
     cfg = model.config
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30
 
 
-def _final_logits(model, hidden):
+def final_logits(model, hidden):
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
@@ -482,7 +482,7 @@ class Decoder:
             h = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                           use_cache=False).last_hidden_state
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]
-        self.logits = _final_logits(self.model, last).repeat_interleave(fanout, dim=0)
+        self.logits = final_logits(self.model, last).repeat_interleave(fanout, dim=0)
         self.pos.copy_(lens.repeat_interleave(fanout))
         self.lengths[:] = self.pos.cpu().numpy()
         return self.logits
@@ -493,7 +493,7 @@ class Decoder:
         mask = mask.masked_fill(self.slots > self.pos[:, None], float("-inf"))[:, None, None, :]
         h = self.base(input_ids=self.tok[:, None], position_ids=self.pos[:, None], attention_mask=mask,
                       use_cache=False).last_hidden_state[:, -1]
-        return _final_logits(self.model, h)
+        return final_logits(self.model, h)
 
     @torch.inference_mode()
     def step(self, tokens, live):
@@ -562,7 +562,7 @@ def pick_tokens(logits, temperature, top_p, generator, forced=None, force_mask=N
 
 
 @functools.lru_cache(maxsize=8)
-def _token_texts(tok, vocab):
+def token_texts(tok, vocab):
     """Text of every token id (decoded after an anchor token so that leading spaces survive); ids the
     model has but the tokenizer lacks (padded embedding rows) get ''."""
     anchor = tok.encode("a", add_special_tokens=False)[:1]
@@ -574,7 +574,7 @@ def _token_texts(tok, vocab):
 @functools.lru_cache(maxsize=8)
 def _token_flags(tok, vocab, stop):
     """Per token id: is it eos, does it contain a newline, could it complete one of the stop strings."""
-    texts = _token_texts(tok, vocab)
+    texts = token_texts(tok, vocab)
     eos = np.zeros(vocab, bool)
     eos[tok.eos_token_id] = True
     newline = np.array(["\n" in t for t in texts])
@@ -636,8 +636,8 @@ def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_
         raise ValueError("generate: a prompt is empty (give it at least one token, e.g. BOS)")
     stop = tuple(stop)
     need = max(len(p) for p in prompts) + max(sum(s if isinstance(s, int) else len(s) for s in plan) for plan in plans)
-    if need > _model_max_len(model):
-        raise ValueError(f"prompt + plan need {need} positions; the model takes at most {_model_max_len(model)}")
+    if need > model_max_len(model):
+        raise ValueError(f"prompt + plan need {need} positions; the model takes at most {model_max_len(model)}")
     per_chunk = max(1, min(len(prompts), max_rows // n))
     # one decoder (KV cache, CUDA graphs) serves every chunk; a short last chunk is padded with dead rows
     decoder = _reusable_decoder(model, per_chunk * n, -(-need // Decoder.T_BUCKET) * Decoder.T_BUCKET, cuda_graphs,
@@ -707,7 +707,7 @@ def _generate_chunk(decoder, tok, prompts, plans, n, real_rows, temperature, top
     eos, newline, may_stop = _token_flags(tok, vocab, stop)
     if ignore_eos:
         eos = np.zeros_like(eos)
-    texts = _token_texts(tok, vocab) if stop else None
+    texts = token_texts(tok, vocab) if stop else None
     ends_at_newline = stop == ("\n",)
 
     logits = decoder.prefill(prompts, fanout=n)
@@ -784,7 +784,7 @@ def chunked_logprobs(model, hidden, targets, temperature=1.0, chunk=2048):
     """log softmax(lm_head(hidden) / T)[targets] for hidden [N, H], a chunk of rows at a time, so that the
     full N x vocab matrix never exists (with gradients: each chunk's logits are recomputed in backward)."""
     def one(h, y):
-        logits = _final_logits(model, h)
+        logits = final_logits(model, h)
         if temperature != 1.0:
             logits = logits / temperature
         return logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)

@@ -163,8 +163,8 @@ def init_model(args, traces, latents, device):
         M.use_ra3_attention(model)
     else:
         model, tok = M.load_model(args.model, device="cpu", dtype=torch.float32)  # fp32 master weights
-    if args.seq_len > M._model_max_len(model):
-        raise ValueError(f"--seq-len {args.seq_len} is longer than the model takes ({M._model_max_len(model)} positions)")
+    if args.seq_len > M.model_max_len(model):
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model takes ({M.model_max_len(model)} positions)")
     return model.to(device).train(), tok
 
 

@@ -1,0 +1,617 @@
+"""estep.py: the E-step of RA3. A latent policy q learns, by RL, where a comment line before the expert's
+next line of code makes that line more likely, and what to write in it. Then q annotates the corpus.
+
+Paper map (RA3, arXiv 2509.25810, as ../shared/DESIGN.md implements it):
+  temporal ELBO  log pi(a_1..T) >= E_q sum_t [log pi(a_t | s_t, z_t) - KL(q(z_t | .) || p(z_t | s_t, z_t-1))]
+  latent z_t       <act> (no text) or <think> (a comment line written before a_t)   -> rollout
+  prior p          alpha * delta(z_t-1) + (1 - alpha) * fresh: a fixed cost c per <think>
+  step reward      r_t = log pi(a_t | s_t, z_<=t) - c [z_t = think]                 -> rewards
+  return           R_t = sum_{k<H} gamma^k r_t+k, cut at the end of the trace       -> truncated_returns
+  advantage        A_i,t = R_i,t - mean_j R_j,t over the G rollouts of a trace      -> grpo_advantages
+  policy loss      -A * ratio (PPO-clipped) on q's latent events, token-mean        -> policy_loss
+  bootstrap        q writes latents into the mid-training traces for mstep.py       -> annotate
+
+q's choices, exactly. Each line of the trace is fed as one *unit* of tokens, tokenized on its own, so that
+line starts are token boundaries; whether the newline ends a unit or starts the next is chosen per
+tokenizer (`Units`) so that units reproduce the tokenizer's own tokenization of the text (GPT-2 merges a
+newline with the next line's indentation, Llama-3 and Qwen2 with the punctuation before it). Before
+action a_t, the tokens its code line shares with a comment line at the same indentation (usually the
+indentation) are forced; then q's next token decides: a token that begins a comment ("#" after the rest
+of the indentation) is <think> and is the comment's first token, any other token is <act> and is not
+used (the expert's line is forced instead). So P(think) = sum of q over one token set and P(act) = 1 -
+P(think), from one softmax. A comment then runs until q emits any newline-bearing token (that event has
+the probability of the whole newline set; its token is not used) or L tokens. Every probability the
+policy gradient uses is recomputed on the same tokens in `policy_loss`, and the tests check the two agree.
+
+    python estep.py                                  # minicode-base on minicode mid-training traces
+    torchrun --nproc_per_node=8 estep.py --model runs/ntp/model --data stdlib --batch-traces 64 --group 8
+"""
+import argparse
+
+parser = argparse.ArgumentParser(description="RA3 E-step: learn where and what to think, then annotate traces.")
+parser.add_argument("--model", default="minicode-base", help="pi: the model whose likelihood is the reward")
+parser.add_argument("--data", default="minicode-midtrain", help="traces: a .jsonl, minicode-midtrain, stdlib, DIR, hf:NAME")
+parser.add_argument("--n-tasks", type=int, default=2000, help="minicode corpora: number of tasks")
+parser.add_argument("--field", default="content", help="hf: text field")
+parser.add_argument("--out", default="runs/estep", help="output directory")
+parser.add_argument("--steps", type=int, default=20, help="RL updates of q")
+parser.add_argument("--batch-traces", type=int, default=16, help="traces per update (B, all ranks together)")
+parser.add_argument("--group", type=int, default=8, help="rollouts per trace (G)")
+parser.add_argument("--horizon", type=int, default=4, help="lines in the truncated return (H)")
+parser.add_argument("--gamma", type=float, default=1.0, help="discount of the truncated return")
+parser.add_argument("--penalty", type=float, default=0.05, help="cost c of a <think> (the consistency prior)")
+parser.add_argument("--max-latent", type=int, default=32, help="longest comment, in tokens (L)")
+parser.add_argument("--max-lines", type=int, default=64, help="skip traces with more line actions than this")
+parser.add_argument("--temperature", type=float, default=1.0, help="q's sampling temperature")
+parser.add_argument("--lr", type=float, default=1e-4, help="q's learning rate")
+parser.add_argument("--epochs", type=int, default=1, help="passes over each batch (PPO clipping matters when > 1)")
+parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip")
+parser.add_argument("--kl", type=float, default=0.0, help="weight of k3 KL(q || pi) on comment tokens (0: off)")
+parser.add_argument("--std-scale", action="store_true", help="divide advantages by the group's std")
+parser.add_argument("--micro-rows", type=int, default=64, help="rollouts per forward pass when scoring/training")
+parser.add_argument("--annotate", choices=["one", "best"], default="one",
+                    help="bootstrap with one rollout per trace, or the best of G by return")
+parser.add_argument("--annotate-limit", type=int, default=None, help="annotate only the first N traces")
+parser.add_argument("--seed", type=int, default=0, help="seed")
+if __name__ == "__main__":
+    args = parser.parse_args()
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import data as D  # noqa: E402
+import model as M  # noqa: E402
+
+# roles of the tokens of a rollout
+PROMPT, LEAD, PREFIX, COMMENT, NEWLINE, CODE = range(6)
+# q's events: a token, a token from a set, a token outside a set
+TOKEN, IN_SET, NOT_IN_SET = range(3)
+
+
+# =====================================================================================================
+# 1. Traces as units of tokens
+# =====================================================================================================
+
+class Units:
+    """Cuts text into per-line units and tokenizes each on its own. newline_first: a unit is "\\n" +
+    line (GPT-2 style, where a newline merges with the next indentation); else line + "\\n" (Llama-3 and
+    Qwen2 style, where it merges with what precedes it). Chosen by which reproduces the tokenizer."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        probe = 'def f(x):\n    """Doc."""\n    y = [x, 1]\n    if y:\n        return y\n    return None\n'
+        whole = tok.encode(probe)
+        scores = {}
+        for newline_first in (True, False):
+            self.newline_first = newline_first
+            ids = [i for u in self.units(probe, first=True) for i in self.encode(u[0], u[1])]
+            scores[newline_first] = sum(a == b for a, b in zip(ids, whole)) - abs(len(ids) - len(whole))
+        self.newline_first = scores[True] > scores[False]
+        self.newline = tok.encode("\n", add_special_tokens=False)
+
+    def units(self, text, first=False):
+        """[(unit text, is first unit of a document)]: the text, cut at line starts."""
+        lines = text.splitlines(keepends=True)
+        if not self.newline_first:
+            return [(line, first and i == 0) for i, line in enumerate(lines)]
+        out = []
+        for i, line in enumerate(lines):
+            body = line[:-1] if line.endswith("\n") else line
+            out.append(((body if first and i == 0 else "\n" + body), first and i == 0))
+        return out
+
+    def encode(self, text, bos=False):
+        return self.tok.encode(text, add_special_tokens=bos) if text else []
+
+    def text_ids(self, text, first=False):
+        return [i for u, b in self.units(text, first) for i in self.encode(u, b)]
+
+
+@dataclasses.dataclass
+class LineAction:
+    lead: list      # forced: blank and comment lines the action carries
+    prefix: list    # forced: tokens the code line shares with a comment line at its indentation
+    rest: list      # <act>: the code line's tokens after the prefix
+    full: list      # <think>: the code line's tokens on their own (after the comment line)
+    think_mask: int  # which token set begins a comment here (see ThinkSets)
+
+
+@dataclasses.dataclass
+class TracePlan:
+    trace: D.Trace
+    prompt: list
+    actions: list
+    suffix: list
+
+    def max_len(self, max_latent, newline):
+        body = sum(len(a.lead) + len(a.prefix) + max(len(a.rest), max_latent + len(newline) + len(a.full))
+                   for a in self.actions)
+        return len(self.prompt) + body + len(self.suffix)
+
+
+class ThinkSets:
+    """Token sets over the vocabulary. For each leftover indentation r, the tokens that begin a comment
+    there (text starts with r + "#", no line break). Tokens that end a comment: those with a line break
+    (or eos); `keep_end` are the ones kept as the comment's last token (newline-last units: the text ends
+    with its only newline), `drop_end` the rest (their token is not used)."""
+
+    def __init__(self, tok, vocab, device, newline_first):
+        self.texts = M.token_texts(tok, vocab)
+        self.device = device
+        self.index, self.rows = {}, []
+        ends = np.array([("\n" in t or "\r" in t) for t in self.texts])
+        ends[tok.eos_token_id] = True
+        keep = np.array([not newline_first and t.endswith("\n") and t.count("\n") == 1 and "\r" not in t
+                         for t in self.texts]) & ends
+        keep[tok.eos_token_id] = False
+        self.ends, self.keep_end = ends, keep
+        self.drop_end = torch.from_numpy(ends & ~keep).to(device)
+
+    def mask_id(self, r):
+        if r not in self.index:
+            self.index[r] = len(self.rows)
+            self.rows.append(np.array([t.startswith(r + "#") for t in self.texts]) & ~self.ends)
+            self.masks = torch.from_numpy(np.stack(self.rows)).to(self.device)
+        return self.index[r]
+
+
+def plan_trace(units, sets, trace):
+    """Token units of a trace, and for each action the forced prefix it shares with a comment line."""
+    prompt_text = trace.prompt
+    if units.newline_first and prompt_text.endswith("\n"):
+        prompt_text = prompt_text[:-1]  # the newline starts the first action's unit
+    prompt = units.text_ids(prompt_text, first=True)
+    actions = []
+    for a in trace.actions:
+        lead, code = D.action_parts(a)
+        ind = D.indentation(a)
+        code_units = units.units(code)
+        first_code = code_units[0][0]
+        full = units.encode(first_code)
+        probe = units.encode(units.units(ind + "# x\n")[0][0])  # a comment line at the same indentation
+        shared = 0
+        while shared < min(len(full), len(probe)) - 1 and full[shared] == probe[shared]:
+            shared += 1
+        unit_start = first_code[:len(first_code) - len(first_code.lstrip("\n"))] if units.newline_first else ""
+        covered = units.tok.decode(full[:shared])
+        r = (unit_start + ind)[len(covered):] if covered and (unit_start + ind).startswith(covered) else unit_start + ind
+        later = [i for u, _ in code_units[1:] for i in units.encode(u)]  # a statement's continuation lines
+        if len(full) < 2:
+            raise D.DataError(f"{trace.id}: a code line that tokenizes to a single token: {code!r}")
+        actions.append(LineAction(units.text_ids(lead), full[:shared], full[shared:] + later, full + later,
+                                  sets.mask_id(r)))
+    suffix = units.text_ids(trace.suffix)
+    if units.newline_first and D.render(trace).endswith("\n"):
+        suffix = suffix + units.newline  # the document's last newline: its own unit
+    return TracePlan(trace, prompt, actions, suffix)
+
+
+# =====================================================================================================
+# 2. Rollouts: q walks each trace line by line, G times, on one KV cache
+# =====================================================================================================
+
+@dataclasses.dataclass
+class Rollout:
+    plan: TracePlan
+    ids: list = dataclasses.field(default_factory=list)     # every token fed after the prompt
+    roles: list = dataclasses.field(default_factory=list)   # role of each (PROMPT..CODE)
+    lines: list = dataclasses.field(default_factory=list)   # action index of each
+    events: list = dataclasses.field(default_factory=list)  # (kind, position, target, action, sampled log q)
+    latents: list = None                                    # per action: comment text or None
+    cut: list = None                                        # per action: comment stopped at L tokens
+
+
+def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_rows=512):
+    """G rollouts of every plan; returns rollouts in plan-major order (row i * G + j)."""
+    out = []
+    per_chunk = max(1, max_rows // group)
+    gen = torch.Generator(device=next(q.parameters()).device).manual_seed(seed)
+    for start in range(0, len(plans), per_chunk):
+        out += _rollout_chunk(q, units, sets, plans[start:start + per_chunk], group, max_latent, temperature, gen)
+    return out
+
+
+def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen):
+    device = next(q.parameters()).device
+    rows = [Rollout(p, latents=[None] * len(p.actions), cut=[False] * len(p.actions)) for p in plans for _ in range(group)]
+    max_len = max(p.max_len(max_latent, units.newline) for p in plans)
+    dec = M.Decoder(q, len(rows), -(-max_len // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET)
+    walkers = [_walk(r, units, sets, max_latent) for r in rows]
+    requests = [next(w) for w in walkers]  # what each row needs: ("feed", token) or ("sample", mask or None)
+    logits = dec.prefill([p.prompt for p in plans], fanout=group)
+    live = np.ones(len(rows), bool)
+    with torch.inference_mode():
+        while live.any():
+            mask_ids = torch.tensor([r[1] if r[0] == "sample" and r[1] is not None else 0 for r in requests],
+                                    device=device)
+            tokens, logq = M.pick_tokens(logits, temperature, 1.0, gen)
+            scaled = logits / temperature
+            lse = torch.logsumexp(scaled, dim=-1)
+            in_think = torch.logsumexp(scaled.masked_fill(~sets.masks[mask_ids], float("-inf")), dim=-1) - lse
+            in_newline = torch.logsumexp(scaled.masked_fill(~sets.drop_end, float("-inf")), dim=-1) - lse
+            tokens, logq, in_think, in_newline = (x.cpu().numpy() for x in (tokens, logq, in_think, in_newline))
+            feed = np.zeros(len(rows), np.int64)
+            for i, w in enumerate(walkers):
+                if not live[i]:
+                    continue
+                req = requests[i]
+                while req[0] == "sample":  # a choice at this position; it may end in feeding a forced token
+                    answer = (int(tokens[i]), float(logq[i]), float(in_think[i]), float(in_newline[i]))
+                    req = w.send(answer)
+                if req[0] == "done":
+                    live[i] = False
+                    continue
+                feed[i] = req[1]
+                requests[i] = next(w)
+            if not live.any():
+                break
+            logits = dec.step(torch.from_numpy(feed).to(device), live.copy())
+    return rows
+
+
+def _walk(row, units, sets, max_latent):
+    """One rollout as a coroutine: yields ("feed", token) for every token it feeds and ("sample", mask)
+    where q chooses; receives (sampled token, its log q, log q(think set), log q(drop_end set))."""
+    plan = row.plan
+
+    def fed(token, role, line):
+        row.ids.append(token)
+        row.roles.append(role)
+        row.lines.append(line)
+
+    def position():  # index in the whole document (prompt + fed) of the last token fed
+        return len(plan.prompt) + len(row.ids) - 1
+
+    for t, a in enumerate(plan.actions):
+        for token in a.lead:
+            yield ("feed", token)
+            fed(token, LEAD, t)
+        for token in a.prefix:
+            yield ("feed", token)
+            fed(token, PREFIX, t)
+        token, logq, log_think, _ = yield ("sample", a.think_mask)
+        if not sets.rows[a.think_mask][token]:  # <act>: the token is not used, the code line is forced
+            row.events.append((NOT_IN_SET, position(), a.think_mask, t, math.log(max(-math.expm1(log_think), 1e-30))))
+            for token in a.rest:
+                yield ("feed", token)
+                fed(token, CODE, t)
+            continue
+        comment = []  # <think>: the token is the comment's first
+        while True:
+            row.events.append((TOKEN, position(), token, t, logq))
+            yield ("feed", token)
+            fed(token, COMMENT, t)
+            comment.append(token)
+            if len(comment) >= max_latent:
+                row.cut[t] = True
+                break
+            token, logq, _, log_drop = yield ("sample", None)
+            if sets.keep_end[token]:  # the comment's last token, newline included
+                row.events.append((TOKEN, position(), token, t, logq))
+                yield ("feed", token)
+                fed(token, COMMENT, t)
+                comment.append(token)
+                break
+            if sets.ends[token]:  # ends it too, but its token is not used (the next unit brings the newline)
+                row.events.append((IN_SET, position(), -1, t, log_drop))
+                comment.append(None)
+                break
+        ended_with_newline = comment[-1] is not None and sets.keep_end[comment[-1]]
+        comment = [c for c in comment if c is not None]
+        row.latents[t] = units.tok.decode(a.prefix + comment).strip()
+        for token in (units.newline if not units.newline_first and not ended_with_newline else []):
+            yield ("feed", token)
+            fed(token, NEWLINE, t)
+        for token in a.full:
+            yield ("feed", token)
+            fed(token, CODE, t)
+    for token in plan.suffix:
+        yield ("feed", token)
+        fed(token, CODE, len(plan.actions) - 1)
+    yield ("done", None)
+
+
+
+# =====================================================================================================
+# 3. Rewards, truncated returns, group advantages
+# =====================================================================================================
+
+def pack_rollouts(rollouts, row_len=None):
+    """The rollouts' documents (prompt + fed tokens) packed into rows, and where each document starts."""
+    docs = [r.plan.prompt + r.ids for r in rollouts]
+    row_len = row_len or max(map(len, docs))
+    packed = D.pack(docs, row_len)
+    starts = {}
+    first = (packed.position_ids == 0) & (packed.doc_ids >= 0)
+    for row, col in first.nonzero().tolist():
+        starts[int(packed.doc_ids[row, col])] = (row, col)
+    return packed, starts
+
+
+def rewards(pi, rollouts, penalty, micro_rows):
+    """r_t = log pi(a_t | s_t, z_<=t) - c [think]: the log-likelihood of action t's own tokens (its lead
+    and code, and on <act> the prefix it shares with a comment line), from one packed pass of pi."""
+    device = next(pi.parameters()).device
+    out = []
+    for chunk in range(0, len(rollouts), micro_rows):
+        part = rollouts[chunk:chunk + micro_rows]
+        packed, starts = pack_rollouts(part)
+        with torch.no_grad():
+            lp = M.packed_logprobs(pi, packed.input_ids.to(device), packed.position_ids.to(device),
+                                   packed.doc_ids.to(device)).float().cpu()
+        for i, r in enumerate(part):
+            row, col = starts[i]
+            n_prompt = len(r.plan.prompt)
+            token_lp = lp[row, col + n_prompt:col + n_prompt + len(r.ids)].numpy()
+            roles, lines = np.array(r.roles), np.array(r.lines)
+            think = np.array([z is not None for z in r.latents])
+            expert = (roles == LEAD) | (roles == CODE) | ((roles == PREFIX) & ~think[lines])
+            reward = np.bincount(lines[expert], weights=token_lp[expert], minlength=len(r.latents))
+            out.append(reward - penalty * think)
+    return out
+
+
+def truncated_returns(r, horizon, gamma):
+    """R_t = sum_{k=0}^{H-1} gamma^k r_{t+k}, cut at the end of the trace; r: [..., T]."""
+    r = np.asarray(r, dtype=np.float64)
+    out = np.zeros_like(r)
+    for k in range(min(horizon, r.shape[-1])):
+        out[..., :r.shape[-1] - k] += gamma ** k * r[..., k:]
+    return out
+
+
+def grpo_advantages(returns, std_scale=False, eps=1e-6):
+    """A_{i,t} = R_{i,t} - mean_j R_{j,t} over the G rollouts of one trace ([G, T]); / std if asked.
+    Also says which steps had no spread (every rollout the same return: no gradient there)."""
+    mean = returns.mean(axis=0, keepdims=True)
+    adv = returns - mean
+    std = returns.std(axis=0, keepdims=True)
+    if std_scale:
+        adv = adv / (std + eps)
+    return adv, (std[0] < 1e-9)
+
+
+# =====================================================================================================
+# 4. The policy loss on q's events
+# =====================================================================================================
+
+class EventLogProbs(torch.nn.Module):
+    """log q of every event, recomputed by a teacher-forced pass over the rollouts' own tokens: a token,
+    a token of a set (the newline that ends a comment), or a token outside a set (<act>: no comment
+    starts here). A module, so that DDP sees the forward pass that makes the gradient."""
+
+    def __init__(self, model, sets, temperature):
+        super().__init__()
+        self.model, self.sets, self.temperature = model, sets, temperature
+
+    def forward(self, input_ids, position_ids, doc_ids, rows, cols, kinds, targets):
+        M.use_ra3_attention(self.model)
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
+                                       attention_mask=M.block_causal_mask(doc_ids), use_cache=False).last_hidden_state
+        scaled = M.final_logits(self.model, hidden[rows, cols]) / self.temperature
+        lse = torch.logsumexp(scaled, dim=-1)
+        token_lp = scaled.gather(1, targets.clamp(min=0)[:, None])[:, 0] - lse
+        think_sets = self.sets.masks[torch.where(kinds == NOT_IN_SET, targets, 0)]
+        masks = torch.where((kinds == IN_SET)[:, None], self.sets.drop_end[None], think_sets)
+        set_lp = torch.logsumexp(scaled.masked_fill(~masks, float("-inf")), dim=-1) - lse
+        not_set_lp = torch.log(-torch.expm1(set_lp.clamp(max=-1e-7)))
+        return torch.where(kinds == TOKEN, token_lp, torch.where(kinds == IN_SET, set_lp, not_set_lp))
+
+
+def event_batch(rollouts, advantages, device):
+    """Packed tokens of the rollouts and, per event, its place, kind, target, sampled log q and advantage."""
+    packed, starts = pack_rollouts(rollouts)
+    rows, cols, kinds, targets, old, adv = [], [], [], [], [], []
+    for i, r in enumerate(rollouts):
+        row, col = starts[i]
+        for kind, pos, target, line, logq in r.events:
+            rows.append(row)
+            cols.append(col + pos)
+            kinds.append(kind)
+            targets.append(target)
+            old.append(logq)
+            adv.append(advantages[i][line] if advantages is not None else 0.0)
+    t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+    tensors = (packed.input_ids.to(device), packed.position_ids.to(device), packed.doc_ids.to(device),
+               t(rows), t(cols), t(kinds), t(targets))
+    return tensors, t(old, torch.float32), t(adv, torch.float32)
+
+
+def policy_loss(net, pi_events, rollouts, advantages, args, device, denominator):
+    """-A * clipped ratio over q's events of these rollouts, divided by `denominator` (the events of the
+    global batch), plus --kl times the k3 KL(q || pi) on comment tokens. Returns (loss, stats)."""
+    tensors, old, adv = event_batch(rollouts, advantages, device)
+    if len(old) == 0:
+        return None, {}
+    new = net(*tensors)
+    ratio = torch.exp(new - old)
+    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - args.clip, 1 + args.clip) * adv).sum()
+    kl = torch.zeros((), device=device)
+    if args.kl > 0:
+        with torch.no_grad():
+            ref = pi_events(*tensors)
+        log_ratio = (ref - new)[tensors[5] == TOKEN]
+        kl = (torch.exp(log_ratio) - log_ratio - 1).sum()
+        loss = loss + args.kl * kl
+    return loss / denominator, dict(max_abs_logratio=float((new - old).detach().abs().max()), kl=float(kl))
+
+
+# =====================================================================================================
+# 5. The loop: rollouts, rewards, advantages, update; then annotate
+# =====================================================================================================
+
+def group_advantages(rollouts, r, group, args):
+    """Per rollout, the advantage of each of its steps; and how many (trace, step) groups had no spread."""
+    adv, flat = [], 0
+    for g in range(0, len(rollouts), group):
+        R = truncated_returns(np.stack(r[g:g + group]), args.horizon, args.gamma)
+        a, flat_steps = grpo_advantages(R, args.std_scale)
+        adv += list(a)
+        flat += int(flat_steps.sum())
+    return adv, flat
+
+
+def step_stats(rollouts, r, flat, n_groups):
+    thinks = [z is not None for ro in rollouts for z in ro.latents]
+    lengths = [sum(1 for role, line in zip(ro.roles, ro.lines) if role == COMMENT and line == t)
+               for ro in rollouts for t, z in enumerate(ro.latents) if z is not None]
+    cuts = [c for ro in rollouts for c, z in zip(ro.cut, ro.latents) if z is not None]
+    return dict(reward=float(np.mean(np.concatenate(r))), elbo=float(np.mean([x.sum() for x in r])),
+                think_rate=float(np.mean(thinks)), latent_len=float(np.mean(lengths)) if lengths else 0.0,
+                cut_share=float(np.mean(cuts)) if cuts else 0.0, zero_spread=flat / max(n_groups, 1))
+
+
+def annotate(q, pi, units, sets, plans, args):
+    """Bootstrap: q writes latents into the traces (one rollout each, or the best of G by return)."""
+    group = 1 if args.annotate == "one" else args.group
+    out = []
+    for start in range(0, len(plans), args.micro_rows):
+        part = plans[start:start + args.micro_rows]
+        rolls = rollout(q, units, sets, part, group, args.max_latent, args.temperature, args.seed + 7919 + start)
+        if group > 1:
+            r = rewards(pi, rolls, args.penalty, args.micro_rows)
+            best = [max(range(g, g + group), key=lambda i: r[i].sum()) for g in range(0, len(rolls), group)]
+            rolls = [rolls[i] for i in best]
+        out += rolls
+    return out
+
+
+def main(args):
+    dist = M.init_dist()
+    device = dist.device
+    out_dir = Path(args.out)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    pi, tok = M.load_model(args.model, device=device)
+    pi.requires_grad_(False)
+    q = copy.deepcopy(pi).float().requires_grad_(True).train()  # fp32 master weights; autocast to bf16 on GPU
+    units = Units(tok)
+    sets = ThinkSets(tok, q.get_output_embeddings().weight.shape[0], device, units.newline_first)
+    traces, _ = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
+    plans, skipped = [], 0
+    for t in traces:
+        if len(t.actions) > args.max_lines:
+            skipped += 1
+            continue
+        try:
+            plans.append(plan_trace(units, sets, t))
+        except D.DataError:
+            skipped += 1
+    if not plans:
+        raise D.DataError(f"{args.data}: no usable traces ({skipped} skipped)")
+    if args.batch_traces % dist.world:
+        raise ValueError(f"--batch-traces {args.batch_traces} must divide among {dist.world} ranks")
+    per_rank = args.batch_traces // dist.world
+    net = EventLogProbs(q, sets, args.temperature)
+    pi_events = EventLogProbs(pi, sets, args.temperature)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(q.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                  fused=device.type == "cuda")
+    if M.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").write_text("")
+    M.print0(f"estep: {len(plans)} traces ({skipped} skipped), B={args.batch_traces} G={args.group} H={args.horizon} "
+             f"c={args.penalty} L={args.max_latent}, units {'newline-first' if units.newline_first else 'newline-last'}")
+    order = np.random.default_rng(args.seed).permutation(len(plans))
+    from tqdm.auto import tqdm
+    last = {}
+    for step in tqdm(range(args.steps), disable=not M.is_main(), desc="estep"):
+        picks = [order[(step * args.batch_traces + k) % len(plans)] for k in range(args.batch_traces)]
+        batch = [plans[i] for i in picks[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
+        t0 = time.perf_counter()
+        q.eval()
+        rolls = rollout(q, units, sets, batch, args.group, args.max_latent, args.temperature, args.seed * 100003 + step)
+        q.train()
+        t1 = time.perf_counter()
+        r = rewards(pi, rolls, args.penalty, args.micro_rows)
+        adv, flat = group_advantages(rolls, r, args.group, args)
+        t2 = time.perf_counter()
+        n_events = M.all_reduce_sum(float(sum(len(x.events) for x in rolls)))
+        extra = {}
+        for _ in range(args.epochs):
+            micro = list(range(0, len(rolls), args.micro_rows))
+            for k, m in enumerate(micro):
+                sync = k == len(micro) - 1 or not hasattr(net, "no_sync")
+                with (net.no_sync() if not sync else _null()), _autocast(device):
+                    loss, extra = policy_loss(net, pi_events, rolls[m:m + args.micro_rows], adv[m:m + args.micro_rows],
+                                              args, device, max(n_events, 1.0))
+                    if loss is not None:
+                        (loss * dist.world).backward()
+            torch.nn.utils.clip_grad_norm_(q.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        n_groups = sum(len(p.actions) for p in batch)
+        stats = step_stats(rolls, r, flat, n_groups)
+        stats = {k: M.all_reduce_mean(v) for k, v in stats.items()}
+        tokens = M.all_reduce_sum(float(sum(len(p.prompt) + len(x.ids) for p, x in zip(
+            [x.plan for x in rolls], rolls))))
+        last = dict(step=step + 1, **stats, kl=extra.get("kl", 0.0), events=n_events,
+                    rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2,
+                    lines_per_s=M.all_reduce_sum(float(n_groups * args.group)) / (t2 - t0),
+                    tokens_per_s=tokens / (t2 - t0))
+        _warn(last)
+        if M.is_main():
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+    q.eval()
+    lim = args.annotate_limit or len(plans)
+    mine = plans[:lim][dist.rank::dist.world]
+    annotated = annotate(q, pi, units, sets, mine, args)
+    latents = [r.latents for r in annotated]
+    D.write_traces(out_dir / f"traces.rank{dist.rank}.jsonl", [r.plan.trace for r in annotated], latents)
+    M.barrier()
+    summary = dict(stage="estep", steps=args.steps, **{k: v for k, v in last.items() if k != "step"},
+                   annotated=lim, traces=str(out_dir / "traces.jsonl"), q=str(out_dir / "q"))
+    if M.is_main():
+        _merge_parts(out_dir, dist.world)
+        M.save_checkpoint(q, tok, out_dir / "q", stage="estep", args=vars(args), metrics=summary)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    M.print0(json.dumps(summary))
+    M.close_dist()
+    return summary
+
+
+def _merge_parts(out_dir, world):
+    with open(out_dir / "traces.jsonl.tmp", "w") as f:
+        for rank in range(world):
+            part = out_dir / f"traces.rank{rank}.jsonl"
+            f.write(part.read_text())
+            part.unlink()
+    (out_dir / "traces.jsonl.tmp").replace(out_dir / "traces.jsonl")
+
+
+def _warn(s):
+    if s["step"] >= 3 and (s["think_rate"] < 0.01 or s["think_rate"] > 0.99):
+        M.print0(f"warning: think rate {s['think_rate']:.3f} at step {s['step']}: q has stopped choosing")
+    if s["cut_share"] > 0.5:
+        M.print0(f"warning: {s['cut_share']:.0%} of comments hit --max-latent; raise it or expect truncated latents")
+    if s["zero_spread"] > 0.9:
+        M.print0(f"warning: {s['zero_spread']:.0%} of (trace, line) groups have no spread: little gradient")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+if __name__ == "__main__":
+    main(args)
