@@ -56,9 +56,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":
     args = parser.parse_args()
 
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -543,7 +543,7 @@ def main(args):
             micro = list(range(0, len(rolls), args.micro_rows))
             for k, m in enumerate(micro):
                 sync = k == len(micro) - 1 or not hasattr(net, "no_sync")
-                with (net.no_sync() if not sync else _null()), _autocast(device):
+                with (net.no_sync() if not sync else contextlib.nullcontext()), _autocast(device):
                     loss, extra = policy_loss(net, pi_events, rolls[m:m + args.micro_rows], adv[m:m + args.micro_rows],
                                               args, device, max(n_events, 1.0))
                     if loss is not None:
@@ -599,14 +599,6 @@ def _warn(s):
         M.print0(f"warning: {s['cut_share']:.0%} of comments hit --max-latent; raise it or expect truncated latents")
     if s["zero_spread"] > 0.9:
         M.print0(f"warning: {s['zero_spread']:.0%} of (trace, line) groups have no spread: little gradient")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _autocast(device):

@@ -30,11 +30,9 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
-import sys
 import sysconfig
 import time
 from pathlib import Path

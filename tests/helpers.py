@@ -1,5 +1,4 @@
 """Test helpers: tiny models and a GGUF writer, all made here, nothing downloaded."""
-import numpy as np
 import torch
 
 import model as M

@@ -1,5 +1,4 @@
 """model.py: loading, checkpoints, the sampler against transformers, the packed scorer, distributed helpers."""
-import json
 import os
 import socket
 import subprocess
