@@ -1032,12 +1032,16 @@ MINICODE_SPLITS = {
 }
 
 
+def minicode_pretrain_tasks(n, seed=0):
+    """The pretraining stream: about half the steps carry a plan comment (the trace's latents)."""
+    return minicode_tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain")
+
+
 def minicode_corpus(kind, n, seed=0):
     """Text corpora of minicode. kind='pretrain': functions where ~half the steps carry a plan comment
     (as real code often does); kind='midtrain': expert traces without comments (RA3's to annotate)."""
     if kind == "pretrain":
-        tasks = minicode_tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain")
-        return [render(t.trace, t.plan_comments) for t in tasks]  # load_traces keeps them apart
+        return [render(t.trace, t.plan_comments) for t in minicode_pretrain_tasks(n, seed)]  # load_traces keeps them apart
     if kind == "midtrain":
         return [t.trace for t in minicode_tasks(n, seed=200 + seed, prefix="minicode-midtrain")]
     raise ValueError(f"minicode_corpus: kind is 'pretrain' or 'midtrain', not {kind!r}")
@@ -1052,7 +1056,7 @@ def load_traces(spec, n_tasks=10000, field="content"):
     included), minicode-pretrain (plan comments as latents), minicode-midtrain, stdlib, a directory of
     .py files, or hf:NAME_OR_PATH (with `field`)."""
     if spec == "minicode-pretrain":
-        tasks = minicode_tasks(n_tasks, seed=100, comment_rate=0.5, prefix="minicode-pretrain")
+        tasks = minicode_pretrain_tasks(n_tasks)
         return [t.trace for t in tasks], [t.plan_comments for t in tasks]
     if spec == "minicode-midtrain":
         return minicode_corpus("midtrain", n_tasks), None

@@ -543,7 +543,7 @@ def main(args):
             micro = list(range(0, len(rolls), args.micro_rows))
             for k, m in enumerate(micro):
                 sync = k == len(micro) - 1 or not hasattr(net, "no_sync")
-                with (net.no_sync() if not sync else contextlib.nullcontext()), _autocast(device):
+                with (net.no_sync() if not sync else contextlib.nullcontext()), M.autocast(device):
                     loss, extra = policy_loss(net, pi_events, rolls[m:m + args.micro_rows], adv[m:m + args.micro_rows],
                                               args, device, max(n_events, 1.0))
                     if loss is not None:
@@ -555,8 +555,7 @@ def main(args):
         n_groups = sum(len(p.actions) for p in batch)
         stats = step_stats(rolls, r, flat, n_groups)
         stats = {k: M.all_reduce_mean(v) for k, v in stats.items()}
-        tokens = M.all_reduce_sum(float(sum(len(p.prompt) + len(x.ids) for p, x in zip(
-            [x.plan for x in rolls], rolls))))
+        tokens = M.all_reduce_sum(float(sum(len(x.plan.prompt) + len(x.ids) for x in rolls)))
         last = dict(step=step + 1, **stats, kl=extra.get("kl", 0.0), events=n_events,
                     rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2,
                     lines_per_s=M.all_reduce_sum(float(n_groups * args.group)) / (t2 - t0),
@@ -599,10 +598,6 @@ def _warn(s):
         M.print0(f"warning: {s['cut_share']:.0%} of comments hit --max-latent; raise it or expect truncated latents")
     if s["zero_spread"] > 0.9:
         M.print0(f"warning: {s['zero_spread']:.0%} of (trace, line) groups have no spread: little gradient")
-
-
-def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 if __name__ == "__main__":

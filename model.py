@@ -850,6 +850,12 @@ def init_dist():
     return Dist(rank, world, local_rank, device)
 
 
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op on CPU."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
 def close_dist():
     import torch.distributed as dist
     if dist.is_initialized():

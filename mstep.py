@@ -246,7 +246,7 @@ def evaluate(net, rows, dist_info, args, device):
     per_rank = math.ceil(n / dist_info.world)
     mine = [dist_info.rank + k * dist_info.world for k in range(per_rank)]
     nll, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), M.autocast(device):
         for i in range(0, per_rank, args.micro_rows):
             idx = mine[i:i + args.micro_rows]
             real = torch.tensor([j < n for j in idx])
@@ -257,10 +257,6 @@ def evaluate(net, rows, dist_info, args, device):
             count += m.sum()
     nll, count = M.all_reduce_sum(nll), M.all_reduce_sum(count)
     return (nll / count.clamp(min=1)).item()
-
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 def train_step(net, optimizer, packed, mask, rows, dist_info, args, device):
@@ -274,7 +270,7 @@ def train_step(net, optimizer, packed, mask, rows, dist_info, args, device):
     for k, idx in enumerate(micro):
         batch = tuple(t[idx].to(device) for t in (packed.input_ids, packed.position_ids, packed.doc_ids, mask))
         sync = k == len(micro) - 1 or not hasattr(net, "no_sync")
-        with (net.no_sync() if not sync else contextlib.nullcontext()), autocast(device):
+        with (net.no_sync() if not sync else contextlib.nullcontext()), M.autocast(device):
             loss = batch_loss(net, batch, denominator)
             (loss * dist_info.world).backward()  # DDP/FSDP average gradients over ranks; we want their sum
         local += loss.detach()
