@@ -213,7 +213,9 @@ class Rollout:
 def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_rows=512):
     """G rollouts of every plan; returns rollouts in plan-major order (row i * G + j)."""
     out = []
-    per_chunk = max(1, max_rows // group)
+    longest = max(p.max_len(max_latent, units.newline) for p in plans)
+    per_chunk = max(1, min(max_rows, M.kv_rows_that_fit(q, -(-longest // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET))
+                    // group)
     gen = torch.Generator(device=next(q.parameters()).device).manual_seed(seed)
     for start in range(0, len(plans), per_chunk):
         out += _rollout_chunk(q, units, sets, plans[start:start + per_chunk], group, max_latent, temperature, gen)
@@ -494,6 +496,7 @@ def main(args):
     pi, tok = M.load_model(args.model, device=device)
     pi.requires_grad_(False)
     q = copy.deepcopy(pi).float().requires_grad_(True).train()  # fp32 master weights; autocast to bf16 on GPU
+    sampler = M.sampling_copy(q)  # on GPU, rollouts read a bf16 copy of q
     units = Units(tok)
     sets = ThinkSets(tok, q.get_output_embeddings().weight.shape[0], device, units.newline_first)
     traces, _ = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
@@ -531,7 +534,7 @@ def main(args):
         batch = [plans[i] for i in picks[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
         t0 = time.perf_counter()
         q.eval()
-        rolls = rollout(q, units, sets, batch, args.group, args.max_latent, args.temperature, args.seed * 100003 + step)
+        rolls = rollout(sampler, units, sets, batch, args.group, args.max_latent, args.temperature, args.seed * 100003 + step)
         q.train()
         t1 = time.perf_counter()
         r = rewards(pi, rolls, args.penalty, args.micro_rows)
@@ -551,6 +554,7 @@ def main(args):
             torch.nn.utils.clip_grad_norm_(q.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        M.sync_sampling_copy(sampler, q)
         t3 = time.perf_counter()
         n_groups = sum(len(p.actions) for p in batch)
         stats = step_stats(rolls, r, flat, n_groups)
@@ -567,7 +571,7 @@ def main(args):
     q.eval()
     lim = args.annotate_limit or len(plans)
     mine = plans[:lim][dist.rank::dist.world]
-    annotated = annotate(q, pi, units, sets, mine, args)
+    annotated = annotate(sampler, pi, units, sets, mine, args)
     latents = [r.latents for r in annotated]
     D.write_traces(out_dir / f"traces.rank{dist.rank}.jsonl", [r.plan.trace for r in annotated], latents)
     M.barrier()

@@ -737,14 +737,39 @@ def limits_for(problem, timeout=None, memory_mb=None):
             memory_mb or (PLUS_MEMORY_MB if plus else MEMORY_MB))
 
 
-def jobs_for(problem, completion, timeout=None, memory_mb=None):
-    """The jobs that decide one completion: one program (function tests) or one per stdin/stdout test."""
+def jobs_for(problem, completion, timeout=None, memory_mb=None, per_assert=False):
+    """The jobs that decide one completion: one program (function tests) or one per stdin/stdout test.
+    per_assert (RLVR's partial credit): function tests split into one program per assert (split_asserts)."""
     timeout, memory_mb = limits_for(problem, timeout, memory_mb)
     if problem.io_tests:
         return [Job(completion, timeout, stdin, expected, memory_mb) for stdin, expected in problem.io_tests]
-    program = function_test_program(problem.prompt, completion, problem.test, problem.entry_point,
-                                    setup=problem.test_setup)
-    return [Job(program, timeout, memory_mb=memory_mb)]
+    tests = split_asserts(problem.test) if per_assert else [problem.test]
+    return [Job(function_test_program(problem.prompt, completion, test, problem.entry_point, setup=problem.test_setup),
+                timeout, memory_mb=memory_mb) for test in tests]
+
+
+def split_asserts(test):
+    """Variants of a test module that each keep one of its asserts: those of check() if it has any, else the
+    module-level ones (MBPP). Everything else stays in every variant. [test] when there is nothing to split
+    (one assert, asserts sharing a line, a test that does not parse)."""
+    import ast
+    try:
+        tree = ast.parse(test)
+    except SyntaxError:
+        return [test]
+    check = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
+    asserts = [n for n in (check.body if check else []) if isinstance(n, ast.Assert)]
+    if not asserts:
+        asserts = [n for n in tree.body if isinstance(n, ast.Assert)]
+    spans = [(a.lineno - 1, a.end_lineno) for a in asserts]
+    if len(spans) < 2 or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return [test]
+    lines = test.splitlines(keepends=True)
+    variants = []
+    for keep in range(len(spans)):
+        drop = {i for k, (lo, hi) in enumerate(spans) if k != keep for i in range(lo, hi)}
+        variants.append("".join(line for i, line in enumerate(lines) if i not in drop))
+    return variants
 
 
 def score(problems, completions, executor, timeout=None, memory_mb=None, progress=True):

@@ -15,7 +15,7 @@ Sections, top to bottom:
   1. loading      load_model(spec): hub id, local HF dir, .gguf file, `smollm2`, tiny-* presets
   2. checkpoints  save_checkpoint / read_meta: HF dir + ra3.json, written atomically
   3. sampler      Decoder (ragged static KV cache, CUDA graphs) and generate(plans, stops, top-p)
-  4. scorer       packed_logprobs: block-diagonal attention, chunked log-softmax
+  4. scorer       packed_logprobs: document-causal attention (FlexAttention on GPU), log-softmax head
   5. distributed  init_dist, print0, all-reduce helpers
 
 `python model.py --model SPEC --prompt TEXT` loads a model and prints samples: a quick check that a
@@ -24,6 +24,7 @@ model loads and generates.
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib
@@ -41,6 +42,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.")
@@ -348,22 +350,40 @@ def read_meta(path):
 # step a CUDA graph on GPU.
 
 _ACTIVE_CACHE = None  # the KVCache of the forward pass in flight; None: transformers' own SDPA attention
+_ACTIVE_BLOCK_MASK = None  # the FlexAttention BlockMask of the packed pass in flight (compile_scorer, GPU)
 
 
 def _ra3_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    if _ACTIVE_CACHE is None:  # scoring, training, transformers' generate: plain SDPA with the mask given
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
-                                               dropout=dropout, **kwargs)
-    if kwargs.get("sliding_window"):
-        raise NotImplementedError("sliding-window attention is not supported by the RA3 sampler")
-    return _ACTIVE_CACHE.attend(module.layer_idx, query, key, value, attention_mask, scaling)
+    if _ACTIVE_CACHE is not None:  # inside the sampler
+        if kwargs.get("sliding_window"):
+            raise NotImplementedError("sliding-window attention is not supported by the RA3 sampler")
+        return _ACTIVE_CACHE.attend(module.layer_idx, query, key, value, attention_mask, scaling)
+    if _ACTIVE_BLOCK_MASK is not None:  # compiled packed passes on GPU: attention_mask is a stand-in
+        return _flex_attend(query, key, value, _ACTIVE_BLOCK_MASK, scaling, dropout)
+    # other packed passes, transformers' generate: plain SDPA with the mask given
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                           dropout=dropout, **kwargs)
+
+
+def _flex_attend(query, key, value, block_mask, scaling, dropout):
+    """flex_attention as transformers calls attention. Inside a compiled layer it becomes one fused kernel
+    that skips the tiles the block mask leaves empty; uncompiled it materializes all scores (slow, exact)."""
+    if dropout:
+        raise NotImplementedError("attention dropout is not supported with FlexAttention")
+    # under autocast with fp32 weights, rotary embeddings leave q and k in fp32 while v, straight out of a
+    # linear layer, is in the autocast dtype; flex_attention wants one dtype (SDPA casts under autocast)
+    query, key = query.to(value.dtype), key.to(value.dtype)
+    out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling,
+                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2), None  # [b, t, heads, head_dim], as transformers expects
 
 
 def _repeat_kv(x, heads):
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-# "ra3" attention = SDPA, except inside the sampler, where it reads and writes our KV cache.
+# "ra3" attention = SDPA, except inside the sampler, where it reads and writes our KV cache, and in compiled
+# packed passes on GPU, where it is flex_attention with the document mask.
 AttentionInterface.register("ra3", _ra3_attention)
 AttentionMaskInterface.register("ra3", sdpa_mask)
 
@@ -383,6 +403,16 @@ def _kv_cache(cache):
         yield
     finally:
         _ACTIVE_CACHE = None
+
+
+@contextlib.contextmanager
+def _block_mask(mask):
+    global _ACTIVE_BLOCK_MASK
+    _ACTIVE_BLOCK_MASK = mask
+    try:
+        yield
+    finally:
+        _ACTIVE_BLOCK_MASK = None
 
 
 class KVCache:
@@ -636,7 +666,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_
     need = max(len(p) for p in prompts) + max(sum(s if isinstance(s, int) else len(s) for s in plan) for plan in plans)
     if need > model_max_len(model):
         raise ValueError(f"prompt + plan need {need} positions; the model takes at most {model_max_len(model)}")
-    per_chunk = max(1, min(len(prompts), max_rows // n))
+    per_chunk = max(1, min(len(prompts), max_rows // n, kv_rows_that_fit(model, need) // n))
     # one decoder (KV cache, CUDA graphs) serves every chunk; a short last chunk is padded with dead rows
     decoder = _reusable_decoder(model, per_chunk * n, -(-need // Decoder.T_BUCKET) * Decoder.T_BUCKET, cuda_graphs,
                                 compile)
@@ -654,6 +684,22 @@ def generate(model, tok, prompts, n=1, max_new_tokens=128, temperature=1.0, top_
     return Samples(torch.cat([pad(p.tokens) for p in parts]), torch.cat([pad(p.logprobs) for p in parts]),
                    torch.cat([pad(p.sampled) for p in parts]), torch.cat([p.lengths for p in parts]),
                    [f for p in parts for f in p.finish])
+
+
+def kv_rows_that_fit(model, max_len, share=0.5):
+    """How many rows of a static KV cache of max_len positions fit in `share` of the free GPU memory (the
+    rest is for the forward passes); unbounded off GPU. A cache is sized for its longest possible row, so
+    at RL batch sizes it can outgrow the GPU: samplers cut their rows into chunks of this many."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return 1 << 30
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or cfg.n_embd) // heads
+    per_row = cfg.num_hidden_layers * 2 * kv_heads * head_dim * max_len * p.element_size()
+    free = torch.cuda.mem_get_info(p.device)[0] + torch.cuda.memory_reserved(p.device) - torch.cuda.memory_allocated(p.device)
+    return max(1, int(share * free // per_row))
 
 
 def _reusable_decoder(model, rows, max_len, cuda_graphs, compile):
@@ -766,6 +812,13 @@ def _progress(total, enabled, desc):
 # =====================================================================================================
 # 4. Scorer: teacher-forced log-probs over packed rows
 # =====================================================================================================
+# A packed row holds several documents, and attention must stay inside each. Two ways:
+#   * SDPA with a dense [rows, 1, T, T] bool mask (block_causal_mask): any device, any shapes, no compiling;
+#     but a mask rules out the flash kernel, and the kernel that takes one visits all T x T pairs.
+#   * FlexAttention with a BlockMask (doc_block_mask), on GPU once compile_scorer compiled the model: one
+#     fused kernel that skips the tiles between documents. Compiled graphs are specialized to the row length,
+#     so this is for loops of fixed shapes (mstep); passes whose T changes every call (E-step rewards, RLVR)
+#     stay on SDPA rather than recompile each time.
 
 def block_causal_mask(doc_ids):
     """[rows, 1, T, T] bool: position i attends to j <= i of the same document. Pads (doc id < 0)
@@ -778,29 +831,78 @@ def block_causal_mask(doc_ids):
     return (same & causal & real)[:, None]
 
 
+def doc_block_mask(doc_ids):
+    """block_causal_mask's rule as a FlexAttention BlockMask: kept per 128 x 128 tile, so attention skips
+    the tiles between documents and never holds a T x T matrix."""
+    def same_doc_causal(b, h, q, kv):
+        doc = doc_ids[b, q]
+        return ((doc == doc_ids[b, kv]) & (doc >= 0) & (kv <= q)) | (kv == q)
+    rows, t = doc_ids.shape
+    return create_block_mask(same_doc_causal, rows, None, t, t, device=doc_ids.device)
+
+
+def compile_scorer(model):
+    """torch.compile what packed_logprobs runs, for a training loop of fixed shapes: each decoder layer in
+    place (one graph that all layers share; state-dict keys stay as they are, no `_orig_mod.`) and the
+    log-softmax head; on GPU attention becomes FlexAttention. The first passes compile (a minute or so)."""
+    layers = model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h
+    for layer in layers:
+        layer.compile()
+    model._ra3_head = torch.compile(token_logprobs)
+    return model
+
+
+def _use_flex(model, doc_ids):
+    # uncompiled, flex_attention materializes all T x T scores; on CPU it has no backward
+    return doc_ids.is_cuda and getattr(model, "_ra3_head", None) is not None
+
+
+def _packed_hidden(model, input_ids, position_ids, doc_ids):
+    """The last hidden states of packed rows, attention kept within each document."""
+    kw = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    if not _use_flex(model, doc_ids):
+        return model.base_model(attention_mask=block_causal_mask(doc_ids), **kw).last_hidden_state
+    # the model still gets a 4D mask to pass along (given none, transformers would build one from the
+    # positions): a zero-memory stand-in that attention never reads while the block mask is active, all
+    # False so that anything reading it anyway gets NaN, not attention across documents
+    rows, t = doc_ids.shape
+    stand_in = torch.zeros((), dtype=torch.bool, device=doc_ids.device).expand(rows, 1, t, t)
+    with _block_mask(doc_block_mask(doc_ids)):
+        return model.base_model(attention_mask=stand_in, **kw).last_hidden_state
+
+
+def token_logprobs(model, hidden, targets, temperature=1.0):
+    """log softmax(lm_head(hidden) / T)[targets] for hidden [N, H], targets [N]."""
+    logits = final_logits(model, hidden)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
 def chunked_logprobs(model, hidden, targets, temperature=1.0, chunk=2048):
-    """log softmax(lm_head(hidden) / T)[targets] for hidden [N, H], a chunk of rows at a time, so that the
-    full N x vocab matrix never exists (with gradients: each chunk's logits are recomputed in backward)."""
-    def one(h, y):
-        logits = final_logits(model, h)
-        if temperature != 1.0:
-            logits = logits / temperature
-        return logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    """token_logprobs a chunk of rows at a time, so that the full N x vocab matrix never exists (with
+    gradients: each chunk's logits are recomputed in backward)."""
     from torch.utils.checkpoint import checkpoint
     outs = []
     for i in range(0, hidden.shape[0], chunk):
         h, y = hidden[i:i + chunk], targets[i:i + chunk]
-        outs.append(checkpoint(one, h, y, use_reentrant=False) if torch.is_grad_enabled() else one(h, y))
+        outs.append(checkpoint(token_logprobs, model, h, y, temperature, use_reentrant=False)
+                    if torch.is_grad_enabled() else token_logprobs(model, h, y, temperature))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def packed_logprobs(model, input_ids, position_ids, doc_ids, temperature=1.0, chunk=2048, tokens_per_pass=16384):
+FULL_LOGITS_BYTES = 2 << 30  # fp32 logits of a pass up to this size are made whole, larger ones in chunks
+
+
+def packed_logprobs(model, input_ids, position_ids, doc_ids, temperature=1.0, chunk=None, tokens_per_pass=16384):
     """lp[r, t] = log p(input_ids[r, t] | the earlier tokens of its document), for packed rows.
 
     input_ids, position_ids, doc_ids: [rows, T]; positions restart at 0 in each document; doc id < 0 is
     padding. The first token of each document and pads get 0. Attention never crosses documents.
-    Rows go through the model tokens_per_pass tokens at a time (the attention mask is rows x T x T).
-    Differentiable when grad is enabled (the M-step and RL losses use it)."""
+    Rows go through the model tokens_per_pass tokens at a time (on CPU the attention mask is rows x T x T).
+    The log-softmax takes the whole pass at once if its fp32 logits fit in FULL_LOGITS_BYTES, else (or if
+    `chunk` is given) `chunk` tokens at a time. Differentiable when grad is enabled (the M-step and RL
+    losses use it)."""
     use_ra3_attention(model)
     step = max(1, tokens_per_pass // input_ids.shape[1])
     return torch.cat([_packed_logprobs_pass(model, input_ids[i:i + step], position_ids[i:i + step],
@@ -809,10 +911,15 @@ def packed_logprobs(model, input_ids, position_ids, doc_ids, temperature=1.0, ch
 
 
 def _packed_logprobs_pass(model, input_ids, position_ids, doc_ids, temperature, chunk):
-    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids,
-                              attention_mask=block_causal_mask(doc_ids), use_cache=False).last_hidden_state
+    hidden = _packed_hidden(model, input_ids, position_ids, doc_ids)
     scored = (doc_ids[:, 1:] == doc_ids[:, :-1]) & (doc_ids[:, 1:] >= 0)
-    lp = chunked_logprobs(model, hidden[:, :-1][scored], input_ids[:, 1:][scored], temperature, chunk)
+    targets = input_ids[:, 1:]
+    if chunk is None and scored.numel() * model.config.vocab_size * 4 <= FULL_LOGITS_BYTES:
+        # every position, pads too: fixed shapes (one compiled graph) and no lm_head recomputed in backward
+        head = getattr(model, "_ra3_head", token_logprobs)  # compile_scorer's compiled copy, if any
+        lp = head(model, hidden[:, :-1].flatten(0, 1), torch.where(scored, targets, 0).flatten(), temperature)
+        return F.pad(torch.where(scored, lp.view(scored.shape), 0.0), (1, 0))
+    lp = chunked_logprobs(model, hidden[:, :-1][scored], targets[scored], temperature, chunk or 2048)
     out = torch.zeros(input_ids.shape, dtype=lp.dtype, device=input_ids.device)
     out[:, 1:][scored] = lp
     return out
@@ -899,6 +1006,92 @@ def barrier():
     if dist.is_initialized():
         dist.barrier()
 
+
+
+# =====================================================================================================
+# 6. Training state shared by the trainers (mstep.py, rlvr.py): the policy as DDP sees it, checkpoints
+# =====================================================================================================
+
+class PackedLogProbs(torch.nn.Module):
+    """The model as DDP/FSDP sees it: packed rows in, per-token log-probs out (packed_logprobs)."""
+
+    def __init__(self, model, temperature=1.0):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, input_ids, position_ids, doc_ids):
+        return packed_logprobs(self.model, input_ids, position_ids, doc_ids, temperature=self.temperature)
+
+
+def sampling_copy(model):
+    """The weights a trainer samples from. On GPU, fp32 master weights get a bf16 copy: half the KV cache
+    and twice the decode speed of sampling in fp32 (sync_sampling_copy after each optimizer step). Off GPU,
+    or already in 16 bits, the model itself. Only parameters are cast: buffers such as rotary frequencies
+    keep their precision."""
+    p = next(model.parameters())
+    if p.device.type != "cuda" or p.dtype != torch.float32:
+        return model
+    sampler = copy.deepcopy(model).eval().requires_grad_(False)
+    for q in sampler.parameters():
+        q.data = q.data.to(torch.bfloat16)
+    return sampler
+
+
+@torch.no_grad()
+def sync_sampling_copy(sampler, model):
+    if sampler is not model:
+        for a, b in zip(sampler.parameters(), model.parameters()):
+            a.copy_(b)
+
+
+def _full_state(net, optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_training(path, net, model, tok, optimizer, stage, step, args, metrics, with_trainer=True):
+    """Checkpoint a trainer whose module `net` wraps `model` as net.model (PackedLogProbs, maybe under DDP or
+    FSDP). Every rank takes part in gathering the full state (FSDP shards hold pieces); rank 0 writes it.
+    with_trainer adds trainer.pt (step, optimizer, RNG) so that --resume continues exactly."""
+    model_sd, optim_sd = _full_state(net, optimizer)
+    if is_main():
+        model_sd = {k.removeprefix("model."): v for k, v in model_sd.items()}
+        extra = {"trainer.pt": dict(step=step, optimizer=optim_sd, rng=torch.get_rng_state())} if with_trainer else None
+        save_checkpoint(model, tok, path, stage=stage, args=vars(args), metrics=metrics, extra=extra,
+                        state_dict=model_sd)
+    barrier()
+
+
+def check_resumable(path, stage, args, keys):
+    """Refuse to resume from a checkpoint of another stage, or one written with other values of `keys`."""
+    meta = read_meta(path)
+    if meta.get("stage") != stage:
+        raise ValueError(f"{path} was not written by {stage}.py (stage {meta.get('stage')!r}); cannot resume from it")
+    for key in keys:
+        if meta["args"].get(key) != getattr(args, key):
+            raise ValueError(f"cannot resume: {path} was written with --{key.replace('_', '-')} "
+                             f"{meta['args'].get(key)!r}, this run has {getattr(args, key)!r}")
+
+
+def load_training(path, net, optimizer):
+    """Weights, optimizer state and RNG from a save_training checkpoint; returns its step."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    trainer = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+    weights = {f"model.{k}": v for k, v in load_file(Path(path) / "model.safetensors").items()}
+    set_state_dict(net, optimizer, model_state_dict=weights, optim_state_dict=trainer["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    torch.set_rng_state(trainer["rng"])
+    return trainer["step"]
+
+
+def truncate_metrics(path, step):
+    """On resume, forget what the killed run logged after its checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 if __name__ == "__main__":
     model, tok = load_model(ARGS.model)

@@ -44,6 +44,8 @@ parser.add_argument("--eval-every", type=int, default=50, help="held-out loss ev
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
 parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
 parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
+parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the decoder layers and the log-softmax (default: on GPU)")
 parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
 parser.add_argument("--family", default="llama", choices=["llama", "qwen2", "gpt2"], help="--init scratch: family")
 parser.add_argument("--hidden", type=int, default=192, help="--init scratch: hidden size")
@@ -72,17 +74,6 @@ RESUME_KEYS = ("model", "init", "data", "seq_len", "family", "hidden", "layers",
 
 
 # ---- the objective ----------------------------------------------------------------------------------------
-
-class LogProbs(torch.nn.Module):
-    """The model as DDP/FSDP sees it: packed rows in, per-token log-probs out (model.packed_logprobs)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, position_ids, doc_ids):
-        return M.packed_logprobs(self.model, input_ids, position_ids, doc_ids)
-
 
 def batch_loss(logprobs_fn, batch, denominator):
     """Summed NLL of the batch's target tokens over `denominator` (the global batch's target count)."""
@@ -167,7 +158,7 @@ def init_model(args, traces, latents, device):
 
 
 def wrap(model, dist_info, fsdp):
-    net = LogProbs(model)
+    net = M.PackedLogProbs(model)
     if dist_info.world == 1:
         return net
     if fsdp:
@@ -195,45 +186,6 @@ def flops_per_token(model, seq_len):
     return 6 * n + 12 * cfg.num_hidden_layers * hidden * seq_len
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
-
-def full_state(net, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save(path, net, model, tok, optimizer, step, args, metrics, with_trainer):
-    """Every rank takes part in gathering the full state (FSDP shards hold pieces); rank 0 writes it."""
-    model_sd, optim_sd = full_state(net, optimizer)
-    if M.is_main():
-        model_sd = {k.removeprefix("model."): v for k, v in model_sd.items()}
-        extra = {"trainer.pt": dict(step=step, optimizer=optim_sd, rng=torch.get_rng_state())} if with_trainer else None
-        M.save_checkpoint(model, tok, path, stage="mstep", args=vars(args), metrics=metrics, extra=extra,
-                          state_dict=model_sd)
-    M.barrier()
-
-
-def check_resumable(path, args):
-    meta = M.read_meta(path)
-    if meta.get("stage") != "mstep":
-        raise ValueError(f"{path} was not written by mstep.py (stage {meta.get('stage')!r}); cannot resume from it")
-    for key in RESUME_KEYS:
-        if meta["args"].get(key) != getattr(args, key):
-            raise ValueError(f"cannot resume: {path} was written with --{key.replace('_', '-')} "
-                             f"{meta['args'].get(key)!r}, this run has {getattr(args, key)!r}")
-
-
-def load_trainer(path, net, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    from safetensors.torch import load_file
-    trainer = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
-    weights = {f"model.{k}": v for k, v in load_file(Path(path) / "model.safetensors").items()}
-    set_state_dict(net, optimizer, model_state_dict=weights, optim_state_dict=trainer["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    torch.set_rng_state(trainer["rng"])
-    return trainer["step"]
-
-
 # ---- the loop ---------------------------------------------------------------------------------------------
 
 def evaluate(net, rows, dist_info, args, device):
@@ -248,7 +200,7 @@ def evaluate(net, rows, dist_info, args, device):
     nll, count = torch.zeros((), device=device), torch.zeros((), device=device)
     with torch.no_grad(), M.autocast(device):
         for i in range(0, per_rank, args.micro_rows):
-            idx = mine[i:i + args.micro_rows]
+            idx = (mine[i:i + args.micro_rows] + [n] * args.micro_rows)[:args.micro_rows]  # fixed shape: one graph
             real = torch.tensor([j < n for j in idx])
             idx = [j if j < n else 0 for j in idx]
             lp = net(*(t[idx].to(device) for t in (rows.input_ids, rows.position_ids, rows.doc_ids)))
@@ -266,9 +218,12 @@ def train_step(net, optimizer, packed, mask, rows, dist_info, args, device):
     mine = rows[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
     denominator = mask[rows].sum().clamp(min=1).to(device)
     local = torch.zeros((), device=device)
-    micro = [mine[i:i + args.micro_rows] for i in range(0, len(mine), args.micro_rows)]
+    # the whole step's rows go to the device at once: a copy from pageable memory waits for the GPU, and
+    # one per micro-step would leave the GPU idle while the next micro-step is being launched
+    data = tuple(t[mine].to(device) for t in (packed.input_ids, packed.position_ids, packed.doc_ids, mask))
+    micro = [slice(i, i + args.micro_rows) for i in range(0, len(mine), args.micro_rows)]
     for k, idx in enumerate(micro):
-        batch = tuple(t[idx].to(device) for t in (packed.input_ids, packed.position_ids, packed.doc_ids, mask))
+        batch = tuple(t[idx] for t in data)
         sync = k == len(micro) - 1 or not hasattr(net, "no_sync")
         with (net.no_sync() if not sync else contextlib.nullcontext()), M.autocast(device):
             loss = batch_loss(net, batch, denominator)
@@ -293,16 +248,18 @@ def main(args):
     if rows_per_step < dist_info.world or rows_per_step % dist_info.world:
         raise ValueError(f"--batch-tokens {args.batch_tokens} gives {rows_per_step} rows of {args.seq_len}, "
                          f"which {dist_info.world} ranks cannot share evenly")
+    if args.compile if args.compile is not None else device.type == "cuda":
+        M.compile_scorer(model)  # before DDP/FSDP wrap it; in place, so checkpoints keep their keys
     net = wrap(model, dist_info, args.fsdp)
     optimizer = make_optimizer(net, args, device)
     start = 0
     if args.resume and (out / "checkpoint").exists():
-        check_resumable(out / "checkpoint", args)
-        start = load_trainer(out / "checkpoint", net, optimizer)
+        M.check_resumable(out / "checkpoint", "mstep", args, RESUME_KEYS)
+        start = M.load_training(out / "checkpoint", net, optimizer)
         M.print0(f"resumed from {out / 'checkpoint'} at step {start}")
     if M.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(out / "metrics.jsonl", start)
+        M.truncate_metrics(out / "metrics.jsonl", start)
     M.print0(f"mstep: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(traces)} traces, "
              f"{len(packed.input_ids)} rows of {args.seq_len}, {rows_per_step} rows a step on {dist_info.world} "
              f"rank(s), {args.steps} steps")
@@ -331,7 +288,7 @@ def main(args):
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save(out / "checkpoint", net, model, tok, optimizer, step + 1, args, last, with_trainer=True)
+            M.save_training(out / "checkpoint", net, model, tok, optimizer, "mstep", step + 1, args, last)
     bar.close()
     elapsed = time.perf_counter() - t_start
     summary = dict(stage="mstep", steps=args.steps, final_loss=last.get("loss"), eval_loss=last.get("eval_loss"),
@@ -339,21 +296,13 @@ def main(args):
                    params=sum(p.numel() for p in model.parameters()), model=str(out / "model"))
     if "mfu" in last:
         summary["mfu"] = last["mfu"]
-    save(out / "model", net, model, tok, optimizer, args.steps, args, summary, with_trainer=False)
-    save(out / "checkpoint", net, model, tok, optimizer, args.steps, args, summary, with_trainer=True)
+    M.save_training(out / "model", net, model, tok, optimizer, "mstep", args.steps, args, summary, with_trainer=False)
+    M.save_training(out / "checkpoint", net, model, tok, optimizer, "mstep", args.steps, args, summary)
     if M.is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     M.print0(json.dumps(summary))
     M.close_dist()
     return summary
-
-
-def _truncate_metrics(path, step):
-    """On resume, forget what the killed run logged after its checkpoint."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 if __name__ == "__main__":

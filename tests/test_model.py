@@ -1,4 +1,5 @@
 """model.py: loading, checkpoints, the sampler against transformers, the packed scorer, distributed helpers."""
+import functools
 import os
 import socket
 import subprocess
@@ -281,14 +282,14 @@ def test_decoder_rewind_equals_a_fresh_run():
 
 # ---- scorer ----------------------------------------------------------------------------------------------
 
-def test_packed_logprobs_equal_unpacked(family_model):
-    mdl, tok = family_model
+def packed_rows(tok, width=40):
+    """Five short documents packed first-fit into rows of `width` tokens: several documents a row, pads at
+    the ends. Returns ids, pos, doc [rows, width] and the documents of each row."""
     docs = [tok.encode(t) for t in [
         "def f(x):\n    return x * 2\n", "import sys\nprint(sys.argv)\n", "x = [i for i in range(10)]\n",
         "class A:\n    pass\n", "while n > 1:\n    n //= 2\n"]]
-    width = 40
     rows, cur = [], []
-    for d in docs:  # first fit into rows of `width` tokens
+    for d in docs:
         if sum(map(len, cur)) + len(d) > width:
             rows.append(cur)
             cur = []
@@ -302,10 +303,15 @@ def test_packed_logprobs_equal_unpacked(family_model):
         for d in row:
             ids[r, t:t + len(d)], pos[r, t:t + len(d)], doc[r, t:t + len(d)] = torch.tensor(d), torch.arange(len(d)), k
             t, k = t + len(d), k + 1
-    assert len(rows) >= 2 and any(len(r) > 1 for r in rows)
+    assert len(rows) >= 2 and any(len(r) > 1 for r in rows) and (doc < 0).any()
+    return ids, pos, doc, rows
+
+
+def test_packed_logprobs_equal_unpacked(family_model):
+    mdl, tok = family_model
+    ids, pos, doc, rows = packed_rows(tok)
     with torch.no_grad():
         packed = M.packed_logprobs(mdl, ids, pos, doc)
-        k = 0
         for r, row in enumerate(rows):
             t = 0
             for d in row:
@@ -316,6 +322,64 @@ def test_packed_logprobs_equal_unpacked(family_model):
                 assert torch.allclose(alone[0, 1:], full.gather(1, torch.tensor(d[1:])[:, None])[:, 0], atol=1e-5)
                 t += len(d)
         assert (packed[doc < 0] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_equals_dense_mask(family_model, monkeypatch):
+    """The FlexAttention path (doc_block_mask) gives the dense-mask path's log-probs: several documents a
+    row, pads, GQA (tiny-llama, tiny-qwen2). On CPU flex_attention runs uncompiled and forward only, so this
+    checks the mask rule and the wiring; compiled, with gradients: test_compiled_flex_scorer_on_gpu."""
+    mdl, tok = family_model
+    ids, pos, doc, _ = packed_rows(tok)
+    with torch.no_grad():
+        dense = M.packed_logprobs(mdl, ids, pos, doc)
+        monkeypatch.setattr(M, "_use_flex", lambda model, doc_ids: True)
+        monkeypatch.setattr(M, "block_causal_mask", None)  # the dense mask is not built
+        flex = M.packed_logprobs(mdl, ids, pos, doc)
+    assert torch.allclose(flex, dense, atol=1e-5)
+
+
+def test_whole_pass_log_softmax_equals_chunked():
+    """The log-softmax over a whole pass (every position, pads masked after) = the chunked one over the
+    scored positions only: log-probs and gradients, with a temperature."""
+    mdl, tok = tiny("tiny-llama")
+    ids, pos, doc, _ = packed_rows(tok)
+    mdl.train()
+    out = []
+    for chunk in (None, 5):
+        lp = M.packed_logprobs(mdl, ids, pos, doc, temperature=0.7, chunk=chunk)
+        (lp * torch.linspace(0.5, 1.5, lp.numel()).view(lp.shape)).sum().backward()
+        out.append((lp.detach(), {n: p.grad.clone() for n, p in mdl.named_parameters()}))
+        mdl.zero_grad()
+    mdl.eval()
+    (lp_a, g_a), (lp_b, g_b) = out
+    assert torch.allclose(lp_a, lp_b, atol=1e-5) and (lp_a[doc < 0] == 0).all()
+    for n in g_a:
+        assert torch.allclose(g_a[n], g_b[n], atol=1e-5, rtol=1e-5), n
+
+
+def test_compile_scorer_keeps_keys_and_values(monkeypatch):
+    """compile_scorer traces each decoder layer and the log-softmax head without graph breaks (each one
+    would cost speed), keeps the state-dict keys (checkpoints) and changes no log-prob or gradient. The
+    aot_eager backend traces as the real compile does (dynamo, autograd) but builds no kernels: seconds."""
+    from torch._dynamo.utils import counters
+    mdl, tok = tiny("tiny-llama")
+    ref, _ = tiny("tiny-llama")
+    keys = list(mdl.state_dict())
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    M.compile_scorer(mdl)
+    assert list(mdl.state_dict()) == keys
+    ids, pos, doc, _ = packed_rows(tok)
+    for m in (mdl, ref):
+        m.train()
+        M.packed_logprobs(m, ids, pos, doc).sum().backward()
+        m.eval()
+    assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters["graph_break"])
+    for (n, p), (_, q) in zip(mdl.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    torch._dynamo.reset()
 
 
 def test_chunked_logprobs_gradient_equals_full():
@@ -380,3 +444,29 @@ def test_cuda_graphs_equal_eager():
     c = M.generate(mdl, tok, PROMPTS, cuda_graphs=True, compile=True, **kw)
     for other in (b, c):
         assert torch.equal(a.tokens, other.tokens) and torch.allclose(a.logprobs, other.logprobs, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_flex_scorer_on_gpu():
+    """compile_scorer on GPU (FlexAttention, compiled layers and head) = the uncompiled dense-mask path:
+    log-probs and gradients in fp32, several documents a row, pads, GQA, a row length that is not a multiple
+    of the 128-token tiles; the second call runs the compiled graphs with a new block mask."""
+    mdl, tok = tiny("tiny-llama")
+    ref, _ = tiny("tiny-llama")
+    mdl, ref = M.compile_scorer(mdl.cuda().train()), ref.cuda().train()
+    ids, pos, doc, _ = (t.cuda() if torch.is_tensor(t) else t for t in packed_rows(tok))
+    for flip in (False, True):
+        if flip:  # other documents in the same shape
+            ids, pos, doc = ids.flip(0), pos.flip(0), doc.flip(0)
+        lps = []
+        for m in (mdl, ref):
+            lp = M.packed_logprobs(m, ids, pos, doc, temperature=0.9)
+            lp.sum().backward()
+            lps.append(lp.detach())
+        assert M._use_flex(mdl, doc) and not M._use_flex(ref, doc)
+        assert torch.allclose(lps[0], lps[1], atol=1e-4)
+        for (n, p), (_, q) in zip(mdl.named_parameters(), ref.named_parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), n
+        mdl.zero_grad()
+        ref.zero_grad()

@@ -1,4 +1,5 @@
 """mstep.py: the loss, 1 rank = 2 ranks, kill-and-resume = uninterrupted, masks, bad input."""
+import functools
 import json
 import os
 import signal
@@ -103,7 +104,7 @@ def test_packed_loss_equals_unpacked():
     args = mstep.parser.parse_args(["--seq-len", "512", "--eval-share", "0"])
     batch, packed = packed_batch(tok, traces, latents, args)
     assert len(packed.input_ids) < len(traces)  # several traces share a row
-    net = mstep.LogProbs(mdl)
+    net = M.PackedLogProbs(mdl)
     with torch.no_grad():
         n_targets = batch[3].sum()
         packed_loss = mstep.batch_loss(net, batch, n_targets)
@@ -124,7 +125,7 @@ def test_masked_latent_tokens_get_no_gradient():
     batch, _ = packed_batch(tok, traces, latents, masked)
     batch_all, _ = packed_batch(tok, traces, latents, full)
     assert batch[3].sum() < batch_all[3].sum()
-    net = mstep.LogProbs(mdl)
+    net = M.PackedLogProbs(mdl)
     mstep.batch_loss(net, batch, 1.0).backward()
     grad = {n: p.grad.clone() for n, p in mdl.named_parameters()}
     mdl.zero_grad()
@@ -152,3 +153,34 @@ def test_bad_input_messages(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "x", "prompt": "def f():\\n"}\n')
     with pytest.raises(D.DataError, match="bad.jsonl, line 1: missing field 'actions'"):
         mstep.main(mstep.parser.parse_args(TINY[:2] + ["--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "c")]))
+
+
+def test_compile_changes_nothing_and_keeps_checkpoint_keys(tmp_path, monkeypatch):
+    """--compile (compile_scorer, before wrapping) trains the same and saves the same keys, no `_orig_mod.`
+    (load_trainer loads non-strictly: a renamed key would be skipped in silence on --resume).
+    aot_eager: traced as the real compile does, no kernels built."""
+    from safetensors.torch import load_file
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    for flag in ("--compile", "--no-compile"):
+        mstep.main(mstep.parser.parse_args(TINY + ["--steps", "2", "--batch-tokens", "1024", "--eval-share", "0", flag,
+                                                   "--out", str(tmp_path / flag)]))
+    torch._dynamo.reset()
+    a, b = losses(tmp_path / "--compile"), losses(tmp_path / "--no-compile")
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    for name in ("model", "checkpoint"):
+        wa = load_file(tmp_path / "--compile" / name / "model.safetensors")
+        wb = load_file(tmp_path / "--no-compile" / name / "model.safetensors")
+        assert sorted(wa) == sorted(wb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_training_on_gpu(tmp_path):
+    """On GPU mstep compiles by default (FlexAttention, compiled layers and head): the losses of
+    --no-compile (dense-mask SDPA) to bf16 rounding, and checkpoints that load as plain models."""
+    for flag in ("--compile", "--no-compile"):
+        mstep.main(mstep.parser.parse_args(TINY + ["--steps", "6", flag, "--out", str(tmp_path / flag)]))
+    a, b = losses(tmp_path / "--compile"), losses(tmp_path / "--no-compile")
+    assert a[-1] < a[0] - 0.3 and max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
+    mdl, _ = M.load_model(str(tmp_path / "--compile" / "model"), device="cpu")
+    assert not any("_orig_mod" in k for k in mdl.state_dict())
