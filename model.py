@@ -1062,6 +1062,17 @@ def save_training(path, net, model, tok, optimizer, stage, step, args, metrics, 
     barrier()
 
 
+def finish_training(out, net, model, tok, optimizer, stage, step, args, summary):
+    """End of a trainer's run: OUT/model (weights only), OUT/checkpoint (resumable), OUT/summary.json, and
+    the summary printed as the last stdout line."""
+    out = Path(out)
+    save_training(out / "model", net, model, tok, optimizer, stage, step, args, summary, with_trainer=False)
+    save_training(out / "checkpoint", net, model, tok, optimizer, stage, step, args, summary)
+    if is_main():
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print0(json.dumps(summary))
+
+
 def check_resumable(path, stage, args, keys):
     """Refuse to resume from a checkpoint of another stage, or one written with other values of `keys`."""
     meta = read_meta(path)

@@ -296,11 +296,7 @@ def main(args):
                    params=sum(p.numel() for p in model.parameters()), model=str(out / "model"))
     if "mfu" in last:
         summary["mfu"] = last["mfu"]
-    M.save_training(out / "model", net, model, tok, optimizer, "mstep", args.steps, args, summary, with_trainer=False)
-    M.save_training(out / "checkpoint", net, model, tok, optimizer, "mstep", args.steps, args, summary)
-    if M.is_main():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    M.print0(json.dumps(summary))
+    M.finish_training(out, net, model, tok, optimizer, "mstep", args.steps, args, summary)
     M.close_dist()
     return summary
 

@@ -186,8 +186,8 @@ def _per_token(p, values):
 
 
 def set_advantages(batches, advantages):
+    adv = torch.tensor(np.asarray(advantages, dtype=np.float32), device=batches[0].doc.device)
     for b in batches:
-        adv = torch.tensor(np.asarray(advantages, dtype=np.float32), device=b.doc.device)
         b.adv = torch.where(b.mask, adv[b.first + b.doc.clamp(min=0)], 0.0)
 
 
@@ -221,7 +221,7 @@ def update(net, optimizer, batches, args, world, device):
     """--epochs passes of clipped updates over this rank's micro-batches; gradients are summed over
     micro-batches and ranks, each token weighted 1 / (completion tokens of the global batch)."""
     denominator = M.all_reduce_sum(sum(float(b.mask.sum()) for b in batches))
-    k3_sum = clip_sum = 0.0
+    k3_sum = clip_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
     for _ in range(args.epochs):
         for k, b in enumerate(batches):
             sync = k == len(batches) - 1 or not hasattr(net, "no_sync")
@@ -229,12 +229,13 @@ def update(net, optimizer, batches, args, world, device):
                 loss, k3, n_clipped = policy_loss(net(b.ids, b.pos, b.doc).float(), b, args.clip_low,
                                                   args.clip_high, args.kl, max(denominator, 1.0))
                 (loss * world).backward()  # DDP averages gradients over ranks; the loss wants their sum
-            k3_sum, clip_sum = k3_sum + float(k3), clip_sum + float(n_clipped)
+            k3_sum, clip_sum = k3_sum + k3, clip_sum + n_clipped
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     n = max(denominator, 1.0) * args.epochs
-    return dict(kl=M.all_reduce_sum(k3_sum) / n, clip_share=M.all_reduce_sum(clip_sum) / n, grad_norm=float(grad_norm))
+    return dict(kl=M.all_reduce_sum(float(k3_sum)) / n, clip_share=M.all_reduce_sum(float(clip_sum)) / n,
+                grad_norm=float(grad_norm))
 
 
 # =====================================================================================================
@@ -403,11 +404,7 @@ def main(args):
                    eval_pass1=m.get("eval_pass1"), curve=curve, seconds=round(time.perf_counter() - t_start, 2),
                    model=str(out / "model"))
     M.release_decoder(sampler)
-    M.save_training(out / "model", net, policy, tok, optimizer, "rlvr", args.steps, args, summary, with_trainer=False)
-    M.save_training(out / "checkpoint", net, policy, tok, optimizer, "rlvr", args.steps, args, summary)
-    if M.is_main():
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    M.print0(json.dumps(summary))
+    M.finish_training(out, net, policy, tok, optimizer, "rlvr", args.steps, args, summary)
     M.close_dist()
     return summary
 
