@@ -1092,13 +1092,15 @@ def minicode_corpus(kind, n, seed=0):
 
 def load_traces(spec, n_tasks=10000, field="content"):
     """(traces, latents or None) of a named corpus: a traces .jsonl (as estep.py writes them, latents
-    included), minicode-pretrain (plan comments as latents), minicode-midtrain, stdlib, a directory of
-    .py files, or hf:NAME_OR_PATH (with `field`)."""
+    included), minicode-pretrain (plan comments as latents), minicode-midtrain, a minicode problem split
+    (its expert solutions), stdlib, a directory of .py files, or hf:NAME_OR_PATH (with `field`)."""
     if spec == "minicode-pretrain":
         tasks = minicode_pretrain_tasks(n_tasks)
         return [t.trace for t in tasks], [t.plan_comments for t in tasks]
     if spec == "minicode-midtrain":
         return minicode_corpus("midtrain", n_tasks), None
+    if spec in MINICODE_SPLITS:  # the expert solutions of a problem split's first n_tasks (mstep.py --steps 0)
+        return [t.trace for t in minicode_tasks(**MINICODE_SPLITS[spec])[:n_tasks]], None
     if spec == "stdlib":
         return traces_from_dir()[0], None
     if spec.startswith("hf:"):
@@ -1108,8 +1110,8 @@ def load_traces(spec, n_tasks=10000, field="content"):
         return traces, latents if any(z is not None for z in latents) else None
     if Path(spec).is_dir():
         return traces_from_dir(spec)[0], None
-    raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, minicode-pretrain, minicode-midtrain, stdlib, "
-                    "a directory of .py files, or hf:NAME")
+    raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, minicode-pretrain, minicode-midtrain, "
+                    f"{', '.join(MINICODE_SPLITS)}, stdlib, a directory of .py files, or hf:NAME")
 
 
 def main(args):

@@ -1,4 +1,5 @@
-"""mstep.py: next-token prediction on expert traces. One trainer, three uses:
+"""mstep.py: next-token prediction on expert traces. One trainer, three uses, and with --steps 0 --eval-share 1
+a scorer (a model's cross-entropy on a corpus, nothing trained):
 
     RA3 M-step     python mstep.py --model PI --data runs/estep/traces.jsonl    (latent-infused traces)
     NTP baseline   python mstep.py --model BASE --data minicode-midtrain        (the same traces, raw)
@@ -23,11 +24,13 @@ parser.add_argument("--model", default="minicode-base", help="model to start fro
 parser.add_argument("--init", choices=["model", "scratch"], default="model",
                     help="start from --model, or from random weights with a tokenizer trained on --data")
 parser.add_argument("--data", default="minicode-midtrain",
-                    help="traces .jsonl (latents included), minicode-pretrain, minicode-midtrain, stdlib, DIR, hf:NAME")
+                    help="traces .jsonl (latents included), minicode-pretrain, minicode-midtrain, a minicode "
+                         "problem split such as minicode-heldout (its expert solutions), stdlib, DIR, hf:NAME")
 parser.add_argument("--n-tasks", type=int, default=10000, help="minicode corpora: number of tasks")
 parser.add_argument("--field", default="content", help="hf: text field")
 parser.add_argument("--out", default="runs/mstep", help="output directory")
-parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+parser.add_argument("--steps", type=int, default=100,
+                    help="optimizer steps (0: only score the held-out share; with --eval-share 1, a corpus)")
 parser.add_argument("--seq-len", type=int, default=512, help="packed row length in tokens")
 parser.add_argument("--batch-tokens", type=int, default=16384, help="global batch in tokens (all ranks together)")
 parser.add_argument("--micro-rows", type=int, default=8, help="rows per rank per micro-step")
@@ -117,9 +120,9 @@ def build_rows(tok, traces, latents, args):
         dest = evals if held_out(t.id, args.eval_share) else train
         dest[0].append(ids)
         dest[1].append(mask.tolist())
-    if not train[0]:
+    if not train[0] and args.steps:
         raise D.DataError(f"{args.data}: no training traces")
-    packed = D.pack(train[0], args.seq_len, train[1])
+    packed = D.pack(train[0], args.seq_len, train[1]) if train[0] else None
     eval_packed = D.pack(evals[0], args.seq_len, evals[1]) if evals[0] else None
     return packed, eval_packed
 
@@ -235,6 +238,22 @@ def train_step(net, optimizer, packed, mask, rows, dist_info, args, device):
     return M.all_reduce_sum(local).item(), float(grad_norm)
 
 
+def score_only(model, eval_rows, dist_info, args, device):
+    """--steps 0: the model's token-mean cross-entropy on the held-out traces (all of --data with
+    --eval-share 1; code only with --mask-prompt), written to OUT/summary.json. Nothing is trained."""
+    if eval_rows is None:
+        raise D.DataError(f"{args.data}: no held-out traces to score (raise --eval-share)")
+    net = wrap(model.eval(), dist_info, args.fsdp)
+    summary = dict(stage="mstep", steps=0, data=args.data, eval_loss=evaluate(net, eval_rows, dist_info, args, device),
+                   eval_tokens=int(targets(eval_rows).sum()), model=args.model)
+    if M.is_main():
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    M.print0(json.dumps(summary))
+    M.close_dist()
+    return summary
+
+
 def main(args):
     dist_info = M.init_dist()
     device = dist_info.device
@@ -243,6 +262,8 @@ def main(args):
     traces, latents = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
     model, tok = init_model(args, traces, latents, device)
     packed, eval_rows = build_rows(tok, traces, latents, args)
+    if args.steps == 0:
+        return score_only(model, eval_rows, dist_info, args, device)
     mask = targets(packed)
     rows_per_step = args.batch_tokens // args.seq_len
     if rows_per_step < dist_info.world or rows_per_step % dist_info.world:

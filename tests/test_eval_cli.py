@@ -83,3 +83,15 @@ def test_bad_samples_are_named(tmp_path):
         evaluate("--bench", "humaneval", "--samples", str(tmp_path / "u.jsonl"))
     with pytest.raises(ValueError, match="--n > 1 needs --temperature > 0"):
         evaluate("--bench", "minicode-heldout", "--n", "2")
+
+
+def test_think_rate_counts_code_lines_right_after_a_comment(tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"task_id": "t", "prompt": "Print 3.",
+                                    "io_tests": [{"input": "", "output": "3\n"}]}) + "\n")
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("\n".join(json.dumps({"task_id": "t", "completion": c}) for c in [
+        "# the answer\n\nx = 3\nprint(x)\n",   # 2 code lines, 1 right after a comment (blank lines skipped)
+        "print(3)  # inline: not a thought\n"]) + "\n")
+    s = evaluate("--bench", str(problems), "--samples", str(samples))
+    assert s["pass@1"] == 1.0 and s["think_rate"] == pytest.approx(1 / 3, abs=1e-4)

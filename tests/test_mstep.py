@@ -116,6 +116,26 @@ def test_packed_loss_equals_unpacked():
     assert int(n_targets) == count and abs(packed_loss.item() - total / count) < 1e-5
 
 
+def test_steps_0_scores_expert_code_like_an_unpacked_loop(tmp_path):
+    """--steps 0 --eval-share 1 --mask-prompt: the cross-entropy of a model on the code of a corpus."""
+    traces = [t.trace for t in D.minicode_tasks(**D.MINICODE_SPLITS["minicode-heldout"])[:7]]
+    D.write_traces(tmp_path / "t.jsonl", traces)
+    summary = mstep.main(mstep.parser.parse_args(["--model", "minicode-base", "--data", str(tmp_path / "t.jsonl"),
+                                                  "--steps", "0", "--eval-share", "1", "--mask-prompt",
+                                                  "--micro-rows", "3", "--out", str(tmp_path / "ce")]))
+    assert not (tmp_path / "ce" / "model").exists()  # scoring writes no model
+    mdl, tok = M.load_model("minicode-base", device="cpu")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, prompt, _ in D.encode_traces(tok, traces):
+            lp = M.packed_logprobs(mdl, torch.tensor([ids]), torch.arange(len(ids))[None], torch.zeros(1, len(ids), dtype=torch.long))
+            code = ~torch.tensor(prompt[1:])
+            total += -lp[0, 1:][code].sum().item()
+            count += int(code.sum())
+    assert summary["eval_tokens"] == count and abs(summary["eval_loss"] - total / count) < 1e-5
+    assert json.loads((tmp_path / "ce" / "summary.json").read_text())["eval_loss"] == summary["eval_loss"]
+
+
 def test_masked_latent_tokens_get_no_gradient():
     mdl, tok = tiny("tiny-qwen2")
     tasks = D.minicode_tasks(4, seed=3, comment_rate=1.0)
