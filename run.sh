@@ -79,7 +79,8 @@ pipeline() {  # one seed: pipeline SEED DIR
   for k in $(seq 1 "$K"); do
     stage "seed $seed: RA3 EM iteration $k/$K, E-step (penalty c = $PENALTY)"
     done_in "$dir/ra3/e$k" || launch estep.py --model "$pi" --data "$DATA" --n-tasks "$TASKS" --steps "$ESTEPS" \
-      --batch-traces "$EB" --group "$EG" --max-lines "$ELINES" --micro-rows "$EMICRO" --penalty "$PENALTY" --annotate-limit "$ANN" --seed $(( seed * 100 + k )) --out "$dir/ra3/e$k"
+      --batch-traces "$EB" --group "$EG" --max-lines "$ELINES" --micro-rows "$EMICRO" --penalty "$PENALTY" \
+      --annotate-limit "$ANN" --seed $(( seed * 100 + k )) --out "$dir/ra3/e$k"
     stage "seed $seed: RA3 EM iteration $k/$K, M-step ($EPK steps)"
     done_in "$dir/ra3/m$k" || launch mstep.py --model "$pi" --data "$dir/ra3/e$k/traces.jsonl" --steps "$EPK" \
       $mstep_args $MASK --out "$dir/ra3/m$k"
