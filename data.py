@@ -106,6 +106,12 @@ def commented_lines(code):
     return n, after_comment
 
 
+def think_rate(programs):
+    """The share of code lines right after a comment line, over many programs."""
+    counts = [commented_lines(p) for p in programs]
+    return sum(c for _, c in counts) / max(sum(n for n, _ in counts), 1)
+
+
 def indentation(action):
     code = action_parts(action)[1]
     return code[:len(code) - len(code.lstrip(" \t"))]

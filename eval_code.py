@@ -867,9 +867,8 @@ def main(args):
         results, passk = evaluate(problems, completions, ks, executor, args.timeout, args.memory_mb)
     t_run = time.perf_counter() - t0
     n_programs = sum(len(r["samples"]) for r in results)
-    # the share of code lines right after a comment line: how often the model thinks before it acts
-    lines = [D.commented_lines(text) for r in results for text in completions[r["task_id"]]]
-    think_rate = sum(c for _, c in lines) / max(sum(n for n, _ in lines), 1)
+    # how often the model thinks (writes a comment line) before it acts
+    think_rate = D.think_rate([text for r in results for text in completions[r["task_id"]]])
     summary = dict(bench=args.bench, model=None if args.samples else args.model, samples_file=args.samples,
                    problems=len(results), samples=n_programs, **passk, think_rate=round(think_rate, 4),
                    statuses={s: sum(x["status"] == s for r in results for x in r["samples"])

@@ -316,9 +316,8 @@ def rl_step(policy, sampler, net, ref_net, tok, optimizer, problems, executor, a
     # sampler (KV cache, CUDA graphs) against trainer (packed forward): they should agree to rounding
     gap = sum(float(((b.old - b.sample_lp).abs() * b.mask).sum()) for b in batches) / \
         max(sum(float(b.mask.sum()) for b in batches), 1.0)
-    lines = [D.commented_lines(s.text) for s in samples]
     local = dict(reward=float(rewards.mean()), pass_rate=float((rewards == 1).mean()),
-                 think_rate=sum(c for _, c in lines) / max(sum(n for n, _ in lines), 1),
+                 think_rate=D.think_rate([s.text for s in samples]),
                  sample_len=float(np.mean([len(s.ids) for s in samples])),
                  truncated=float(np.mean([s.truncated for s in samples])), zero_spread=zero_spread,
                  logprob_gap=gap)
