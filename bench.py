@@ -15,7 +15,8 @@ import sysconfig
 import time
 from pathlib import Path
 
-parser = argparse.ArgumentParser(description="Sampler and scorer throughput vs transformers.")
+parser = argparse.ArgumentParser(description="Sampler and scorer throughput vs transformers.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="tiny-llama", help="any model.py spec")
 parser.add_argument("--prompts", type=int, default=8, help="distinct prompts")
 parser.add_argument("--n", default="4", help="samples per prompt; a comma list runs several batch sizes")

@@ -5,11 +5,14 @@ Paper map (RA3, arXiv 2509.25810, as ../shared/DESIGN.md implements it):
   temporal ELBO  log pi(a_1..T) >= E_q sum_t [log pi(a_t | s_t, z_t) - KL(q(z_t | .) || p(z_t | s_t, z_t-1))]
   latent z_t       <act> (no text) or <think> (a comment line written before a_t)   -> rollout
   prior p          alpha * delta(z_t-1) + (1 - alpha) * fresh: a fixed cost c per <think>
-  step reward      r_t = log pi(a_t | s_t, z_<=t) - c [z_t = think]                 -> rewards
+  step reward      r_t = log pi(a_t | s_t, z_t) - c [z_t = think], conditional on z_t on both branches:
+                   <act> scores a_t given that no comment starts here               -> rewards
   return           R_t = sum_{k<H} gamma^k r_t+k, cut at the end of the trace       -> truncated_returns
   advantage        A_i,t = R_i,t - mean_j R_j,t over the G rollouts of a trace      -> grpo_advantages
   policy loss      -A * ratio (PPO-clipped) on q's latent events, token-mean        -> policy_loss
   bootstrap        q writes latents into the mid-training traces for mstep.py       -> annotate
+  what q learned   held-out ELBO, think rates, code likelihood with q's comments /
+                   none / the true plan, comments that name the right step          -> instruments
 
 q's choices, exactly. Each line of the trace is fed as one *unit* of tokens, tokenized on its own, so that
 line starts are token boundaries; whether the newline ends a unit or starts the next is chosen per
@@ -24,17 +27,22 @@ the probability of the whole newline set; its token is not used) or L tokens. Ev
 policy gradient uses is recomputed on the same tokens in `policy_loss`, and the tests check the two agree.
 
     python estep.py                                  # minicode-base on minicode mid-training traces
+    python estep.py --q runs/estep/q --steps 0 --annotate gain   # annotate again with a trained q
     torchrun --nproc_per_node=8 estep.py --model runs/ntp/model --data stdlib --batch-traces 64 --group 8
 """
 import argparse
 
-parser = argparse.ArgumentParser(description="RA3 E-step: learn where and what to think, then annotate traces.")
+parser = argparse.ArgumentParser(description="RA3 E-step: learn where and what to think, then annotate traces.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="minicode-base", help="pi: the model whose likelihood is the reward")
+parser.add_argument("--q", default=None,
+                    help="start q from this checkpoint instead of a copy of pi (with --steps 0: annotate only)")
 parser.add_argument("--data", default="minicode-midtrain", help="traces: a .jsonl, minicode-midtrain, stdlib, DIR, hf:NAME")
 parser.add_argument("--n-tasks", type=int, default=2000, help="minicode corpora: number of tasks")
 parser.add_argument("--field", default="content", help="hf: text field")
 parser.add_argument("--out", default="runs/estep", help="output directory")
-parser.add_argument("--steps", type=int, default=20, help="RL updates of q")
+parser.add_argument("--steps", type=int, default=40,
+                    help="RL updates of q (minicode-base: the held-out ELBO flattens after 25-30 at B=16, G=8)")
 parser.add_argument("--batch-traces", type=int, default=16, help="traces per update (B, all ranks together)")
 parser.add_argument("--group", type=int, default=8, help="rollouts per trace (G)")
 parser.add_argument("--horizon", type=int, default=4, help="lines in the truncated return (H)")
@@ -45,13 +53,21 @@ parser.add_argument("--max-lines", type=int, default=64, help="skip traces with 
 parser.add_argument("--temperature", type=float, default=1.0, help="q's sampling temperature")
 parser.add_argument("--lr", type=float, default=1e-4, help="q's learning rate")
 parser.add_argument("--epochs", type=int, default=1, help="passes over each batch (PPO clipping matters when > 1)")
-parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip")
+parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip (acts only with --epochs > 1: "
+                    "on the first pass over a batch the ratio is 1)")
 parser.add_argument("--kl", type=float, default=0.0, help="weight of k3 KL(q || pi) on comment tokens (0: off)")
 parser.add_argument("--std-scale", action="store_true", help="divide advantages by the group's std")
 parser.add_argument("--micro-rows", type=int, default=64, help="rollouts per forward pass when scoring/training")
-parser.add_argument("--annotate", choices=["one", "best"], default="one",
-                    help="bootstrap with one rollout per trace, or the best of G by return")
+parser.add_argument("--annotate", choices=["one", "best", "gain"], default="one",
+                    help="bootstrap: one rollout per trace, the best of G by return, or one rollout keeping only "
+                         "the comments whose gain in pi's log-likelihood of the code exceeds c")
+parser.add_argument("--annotate-temperature", type=float, default=1.0, help="q's temperature when annotating")
 parser.add_argument("--annotate-limit", type=int, default=None, help="annotate only the first N traces")
+parser.add_argument("--eval-traces", type=int, default=64,
+                    help="held-out traces for the instruments (never trained on); 0: none")
+parser.add_argument("--eval-every", type=int, default=5, help="measure the instruments every N updates")
+parser.add_argument("--save-every", type=int, default=25, help="checkpoint q and its optimizer every N updates")
+parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":
     args = parser.parse_args()
@@ -69,8 +85,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data as D  # noqa: E402
+import minicode  # noqa: E402
 import model as M  # noqa: E402
 
+RESUME_KEYS = ("model", "q", "data", "n_tasks", "batch_traces", "group", "horizon", "gamma", "penalty", "max_latent",
+               "temperature", "lr", "epochs", "seed")
 # roles of the tokens of a rollout
 PROMPT, LEAD, PREFIX, COMMENT, NEWLINE, CODE = range(6)
 # q's events: a token, a token from a set, a token outside a set
@@ -323,6 +342,28 @@ def _walk(row, units, sets, max_latent):
 
 
 
+def forced_rollout(units, sets, plan, latents):
+    """A rollout whose latents are given (comment text or None per action) instead of sampled. The same
+    walk as q's rollouts makes it, so it has the same tokens, roles and decision events, and `rewards`
+    scores it the same way: the code under no comments, or under the true plan."""
+    answers = []  # what "q" samples at each choice
+    for action, a, z in zip(plan.trace.actions, plan.actions, latents):
+        if z is None:
+            answers.append(a.rest[0])  # a token that does not begin a comment: <act>
+            continue
+        tokens = units.encode(units.units(D.latent_line(action, z))[0][0])
+        comment = tokens[len(a.prefix):]
+        if tokens[:len(a.prefix)] != a.prefix or not comment or not sets.rows[a.think_mask][comment[0]]:
+            raise D.DataError(f"{plan.trace.id}: the comment {z!r} does not begin where a comment can")
+        answers += comment if sets.keep_end[comment[-1]] else comment + units.newline[-1:]
+    row = Rollout(plan, latents=[None] * len(plan.actions), cut=[False] * len(plan.actions))
+    walk, script = _walk(row, units, sets, max_latent=10 ** 9), iter(answers)
+    request = next(walk)
+    while request[0] != "done":
+        request = walk.send((next(script), 0.0, 0.0, 0.0)) if request[0] == "sample" else next(walk)
+    return row
+
+
 # =====================================================================================================
 # 3. Rewards, truncated returns, group advantages
 # =====================================================================================================
@@ -339,26 +380,44 @@ def pack_rollouts(rollouts, row_len=None):
     return packed, starts
 
 
-def rewards(pi, rollouts, penalty, micro_rows):
-    """r_t = log pi(a_t | s_t, z_<=t) - c [think]: the log-likelihood of action t's own tokens (its lead
-    and code, and on <act> the prefix it shares with a comment line), from one packed pass of pi."""
+def rewards(pi, sets, rollouts, penalty, micro_rows):
+    """r_t = log pi(a_t | s_t, z_t) - c [z_t = think] for every action of every rollout, from one packed
+    pass of pi per micro-batch. Both branches score what comes before the decision (the action's lead and
+    the prefix its code shares with a comment line: the same tokens in the same context either way). Then
+    <think> scores the code line after the comment; <act> scores the rest of the code line given that no
+    comment starts here: its tokens minus log pi(act | s_t), i.e. the first one's probability renormalised
+    over the tokens that do not begin a comment. Without that term every <act> would be docked by pi's own
+    habit of commenting, and q would be paid to copy it. The trace's suffix (a last newline) counts with
+    the last action, so the rewards add up to the whole code's log-likelihood."""
     device = next(pi.parameters()).device
     out = []
     for chunk in range(0, len(rollouts), micro_rows):
         part = rollouts[chunk:chunk + micro_rows]
         packed, starts = pack_rollouts(part)
-        with torch.no_grad():
-            lp = M.packed_logprobs(pi, packed.input_ids.to(device), packed.position_ids.to(device),
-                                   packed.doc_ids.to(device)).float().cpu()
+        ids, pos, doc = (x.to(device) for x in (packed.input_ids, packed.position_ids, packed.doc_ids))
+        acts = [(i, line, starts[i][0], starts[i][1] + p, mask) for i, r in enumerate(part)
+                for kind, p, mask, line, _ in r.events if kind == NOT_IN_SET]
+        with torch.no_grad(), M.autocast(device):
+            hidden = M.packed_hidden(pi, ids, pos, doc)
+            scored = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
+            lp = torch.zeros(ids.shape, device=device)
+            lp[:, 1:][scored] = M.chunked_logprobs(pi, hidden[:, :-1][scored], ids[:, 1:][scored]).float()
+            act_lp = torch.zeros(0)
+            if acts:
+                where = torch.tensor([(row, col, mask) for _, _, row, col, mask in acts], device=device)
+                act_lp = event_logprobs(pi, sets, hidden[where[:, 0], where[:, 1]],
+                                        torch.full((len(acts),), NOT_IN_SET, device=device), where[:, 2], 1.0)
+        lp, act_lp = lp.float().cpu().numpy(), act_lp.float().cpu().numpy()
         for i, r in enumerate(part):
             row, col = starts[i]
             n_prompt = len(r.plan.prompt)
-            token_lp = lp[row, col + n_prompt:col + n_prompt + len(r.ids)].numpy()
+            token_lp = lp[row, col + n_prompt:col + n_prompt + len(r.ids)]
             roles, lines = np.array(r.roles), np.array(r.lines)
-            think = np.array([z is not None for z in r.latents])
-            expert = (roles == LEAD) | (roles == CODE) | ((roles == PREFIX) & ~think[lines])
+            expert = (roles == LEAD) | (roles == PREFIX) | (roles == CODE)
             reward = np.bincount(lines[expert], weights=token_lp[expert], minlength=len(r.latents))
-            out.append(reward - penalty * think)
+            out.append(reward - penalty * np.array([z is not None for z in r.latents]))
+        for (i, line, *_), a in zip(acts, act_lp):
+            out[chunk + i][line] -= a
     return out
 
 
@@ -386,27 +445,31 @@ def grpo_advantages(returns, std_scale=False, eps=1e-6):
 # 4. The policy loss on q's events
 # =====================================================================================================
 
+def event_logprobs(model, sets, hidden, kinds, targets, temperature):
+    """log p of events from the hidden states where they are decided ([N, H]): a token (target: its id),
+    a token of the comment-ending set (IN_SET), or a token outside the think set at this indentation
+    (NOT_IN_SET, target: the set's index): <act>, no comment starts here."""
+    scaled = M.final_logits(model, hidden).float() / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    token_lp = scaled.gather(1, targets.clamp(min=0)[:, None])[:, 0] - lse
+    think_sets = sets.masks[torch.where(kinds == NOT_IN_SET, targets, 0)]
+    masks = torch.where((kinds == IN_SET)[:, None], sets.drop_end[None], think_sets)
+    set_lp = torch.logsumexp(scaled.masked_fill(~masks, float("-inf")), dim=-1) - lse
+    not_set_lp = torch.log(-torch.expm1(set_lp.clamp(max=-1e-7)))
+    return torch.where(kinds == TOKEN, token_lp, torch.where(kinds == IN_SET, set_lp, not_set_lp))
+
+
 class EventLogProbs(torch.nn.Module):
-    """log q of every event, recomputed by a teacher-forced pass over the rollouts' own tokens: a token,
-    a token of a set (the newline that ends a comment), or a token outside a set (<act>: no comment
-    starts here). A module, so that DDP sees the forward pass that makes the gradient."""
+    """log q of every event, recomputed by a teacher-forced pass over the rollouts' own tokens. A module,
+    so that DDP sees the forward pass that makes the gradient."""
 
     def __init__(self, model, sets, temperature):
         super().__init__()
         self.model, self.sets, self.temperature = model, sets, temperature
 
     def forward(self, input_ids, position_ids, doc_ids, rows, cols, kinds, targets):
-        M.use_ra3_attention(self.model)
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
-                                       attention_mask=M.block_causal_mask(doc_ids), use_cache=False).last_hidden_state
-        scaled = M.final_logits(self.model, hidden[rows, cols]) / self.temperature
-        lse = torch.logsumexp(scaled, dim=-1)
-        token_lp = scaled.gather(1, targets.clamp(min=0)[:, None])[:, 0] - lse
-        think_sets = self.sets.masks[torch.where(kinds == NOT_IN_SET, targets, 0)]
-        masks = torch.where((kinds == IN_SET)[:, None], self.sets.drop_end[None], think_sets)
-        set_lp = torch.logsumexp(scaled.masked_fill(~masks, float("-inf")), dim=-1) - lse
-        not_set_lp = torch.log(-torch.expm1(set_lp.clamp(max=-1e-7)))
-        return torch.where(kinds == TOKEN, token_lp, torch.where(kinds == IN_SET, set_lp, not_set_lp))
+        hidden = M.packed_hidden(self.model, input_ids, position_ids, doc_ids)
+        return event_logprobs(self.model, self.sets, hidden[rows, cols], kinds, targets, self.temperature)
 
 
 def event_batch(rollouts, advantages, device):
@@ -473,21 +536,145 @@ def step_stats(rollouts, r, flat, n_groups):
 
 
 def annotate(q, pi, units, sets, plans, args):
-    """Bootstrap: q writes latents into the traces (one rollout each, or the best of G by return)."""
-    group = 1 if args.annotate == "one" else args.group
+    """Bootstrap: the latents q writes into each trace (a list per plan).
+      one    one rollout of q at --annotate-temperature
+      best   the best of G such rollouts by return (sum_t r_t)
+      gain   one rollout, keeping a comment only where it raises pi's log-likelihood of the code it
+             precedes (its line and the lines up to the next comment) by more than c"""
+    group = args.group if args.annotate == "best" else 1
     out = []
     for start in range(0, len(plans), args.micro_rows):
         part = plans[start:start + args.micro_rows]
-        rolls = rollout(q, units, sets, part, group, args.max_latent, args.temperature, args.seed + 7919 + start)
-        if group > 1:
-            r = rewards(pi, rolls, args.penalty, args.micro_rows)
-            best = [max(range(g, g + group), key=lambda i: r[i].sum()) for g in range(0, len(rolls), group)]
-            rolls = [rolls[i] for i in best]
-        out += rolls
+        rolls = rollout(q, units, sets, part, group, args.max_latent, args.annotate_temperature,
+                        args.seed + 7919 + start)
+        if args.annotate == "best":
+            r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
+            rolls = [rolls[max(range(g, g + group), key=lambda i: r[i].sum())] for g in range(0, len(rolls), group)]
+        latents = [list(ro.latents) for ro in rolls]
+        if args.annotate == "gain":
+            with_z = rewards(pi, sets, rolls, 0.0, args.micro_rows)
+            none = rewards(pi, sets, [forced_rollout(units, sets, p, [None] * len(p.actions)) for p in part], 0.0,
+                           args.micro_rows)
+            for z, a, b in zip(latents, with_z, none):
+                at = [t for t, x in enumerate(z) if x is not None]
+                for t, end in zip(at, at[1:] + [len(z)]):
+                    if (a[t:end] - b[t:end]).sum() <= args.penalty:
+                        z[t] = None
+        out += latents
     return out
 
 
+# =====================================================================================================
+# 6. Instruments: what q has learned, on held-out traces
+# =====================================================================================================
+
+def held_out_split(traces, args):
+    """(training traces, held-out traces, their minicode tasks or None). On minicode-midtrain the held-out
+    traces are more of the same stream (another seed, none that the corpus holds), and the world knows
+    the step of every line; on any other corpus the last --eval-traces traces (at most a quarter) are set
+    aside."""
+    if args.eval_traces == 0:
+        return traces, [], None
+    if args.data == "minicode-midtrain":
+        seen = {D.render(t) for t in traces}
+        tasks = [t for t in minicode.midtrain_tasks(2 * args.eval_traces, seed=1) if D.render(t.trace) not in seen]
+        tasks = tasks[:args.eval_traces]
+        return traces, [t.trace for t in tasks], tasks
+    n = min(args.eval_traces, len(traces) // 4)  # a small corpus keeps most of its traces for training
+    return (traces[:-n], traces[-n:], None) if n else (traces, [], None)
+
+
+def comment_naming(latents, tasks):
+    """Counts over q's comments (latents per trace), read by the world: how many name the step that
+    follows (kind), name it with its parameter too, name another step, or name none (no plan phrasing)."""
+    counts = dict(comments=0, named_step=0, named_param=0, wrong_step=0, unnamed=0)
+    for zs, task in zip(latents, tasks):
+        for z, step in zip(zs, task.step_of):
+            if z is None:
+                continue
+            names = minicode.names_of(z)
+            truth = None if step is None else (task.kinds[step], tuple(sorted(task.params[step].items())))
+            counts["comments"] += 1
+            counts["unnamed"] += not names
+            counts["named_step"] += truth is not None and truth[0] in {kind for kind, _ in names}
+            counts["named_param"] += truth in names
+            counts["wrong_step"] += bool(names) and (truth is None or truth[0] not in {kind for kind, _ in names})
+    return counts
+
+
+def annotation_stats(plans, latents, args):
+    """The annotated corpus, summed over ranks: its think rate and, on minicode-midtrain, what its comments
+    name (the share of wrong-step comments is what the M-step would learn as noise)."""
+    sums = dict(lines=sum(len(z) for z in latents), comments=sum(x is not None for z in latents for x in z))
+    if args.data == "minicode-midtrain":
+        by_id = {t.trace.id: t for t in minicode.midtrain_tasks(args.n_tasks)}
+        sums = comment_naming(latents, [by_id[p.trace.id] for p in plans])
+        sums["lines"] = sum(len(z) for z in latents)
+    sums = {k: M.all_reduce_sum(float(v)) for k, v in sums.items()}
+    out = dict(annotated_think_rate=sums["comments"] / max(sums["lines"], 1.0))
+    for k in ("named_step", "wrong_step", "unnamed"):
+        if k in sums:
+            out[f"annotated_{k}"] = sums[k] / max(sums["comments"], 1.0)
+    return out
+
+
+def instruments(q, pi, units, sets, plans, tasks, args):
+    """One rollout of q per held-out trace (the same random numbers at every call), scored by pi:
+      elbo                  E_q sum_t r_t per trace: the objective, penalty included
+      think_rate            share of lines q comments; on minicode also at step starts and elsewhere
+      code_ll_q, _none, _plan   the code's log-likelihood per trace (no penalty) with q's comments, with
+                            none, and with the true plan comments (minicode)
+      named_step, named_param, wrong_step, unnamed   shares of q's comments that name the step that
+                            follows, name its parameter too, name another step, name none (minicode)
+    Sums are reduced over ranks (each rank takes every world-th trace)."""
+    rank, world = M.rank_and_world()
+    mine = list(range(rank, len(plans), world))
+    plans = [plans[i] for i in mine]
+    rolls = rollout(q, units, sets, plans, 1, args.max_latent, args.temperature, seed=4242)
+    r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
+    think = [np.array([z is not None for z in ro.latents]) for ro in rolls]
+    sums = dict(traces=len(plans), lines=sum(len(x) for x in think), thinks=sum(x.sum() for x in think),
+                elbo=sum(x.sum() for x in r), code_ll_q=sum((x + args.penalty * z).sum() for x, z in zip(r, think)))
+    none = [forced_rollout(units, sets, p, [None] * len(p.actions)) for p in plans]
+    sums["code_ll_none"] = sum(x.sum() for x in rewards(pi, sets, none, 0.0, args.micro_rows))
+    if tasks is not None:
+        tasks = [tasks[i] for i in mine]
+        oracle = [forced_rollout(units, sets, p, t.true_plan()) for p, t in zip(plans, tasks)]
+        sums["code_ll_plan"] = sum(x.sum() for x in rewards(pi, sets, oracle, 0.0, args.micro_rows))
+        starts = [np.array(t.step_starts()) for t in tasks]
+        sums["starts"] = sum(x.sum() for x in starts)
+        sums["thinks_at_starts"] = sum((x & y).sum() for x, y in zip(think, starts))
+        sums["thinks_elsewhere"] = sum((x & ~y).sum() for x, y in zip(think, starts))
+        sums.update(comment_naming([ro.latents for ro in rolls], tasks))
+    sums = {k: M.all_reduce_sum(float(v)) for k, v in sums.items()}
+    out = dict(elbo=sums["elbo"] / sums["traces"], think_rate=sums["thinks"] / sums["lines"],
+               code_ll_q=sums["code_ll_q"] / sums["traces"], code_ll_none=sums["code_ll_none"] / sums["traces"])
+    if tasks is not None:
+        comments = max(sums["comments"], 1.0)
+        out.update(code_ll_plan=sums["code_ll_plan"] / sums["traces"],
+                   think_at_starts=sums["thinks_at_starts"] / sums["starts"],
+                   think_elsewhere=sums["thinks_elsewhere"] / (sums["lines"] - sums["starts"]),
+                   **{k: sums[k] / comments for k in ("named_step", "named_param", "wrong_step", "unnamed")})
+    return {f"heldout_{k}": v for k, v in out.items()}
+
+
+def make_plans(units, sets, traces, max_lines):
+    plans, skipped = [], 0
+    for t in traces:
+        try:
+            if len(t.actions) > max_lines:
+                raise D.DataError(f"{t.id}: more than {max_lines} lines")
+            plans.append(plan_trace(units, sets, t))
+        except D.DataError:
+            skipped += 1
+    return plans, skipped
+
+
 def main(args):
+    M.check_flags(parser, args, at_least=dict(n_tasks=1, steps=0, batch_traces=1, group=1, horizon=1, gamma=0,
+                                              max_latent=1, max_lines=1, epochs=1, clip=0, kl=0, micro_rows=1,
+                                              annotate_limit=1, eval_traces=0, eval_every=1, save_every=1),
+                  above=dict(temperature=0, annotate_temperature=0, lr=0))
     dist = M.init_dist()
     device = dist.device
     out_dir = Path(args.out)
@@ -495,22 +682,22 @@ def main(args):
     torch.manual_seed(args.seed)
     pi, tok = M.load_model(args.model, device=device)
     pi.requires_grad_(False)
-    q = copy.deepcopy(pi).float().requires_grad_(True).train()  # fp32 master weights; autocast to bf16 on GPU
+    q = M.load_model(args.q, device=device)[0] if args.q else copy.deepcopy(pi)
+    q = q.float().requires_grad_(True).train()  # fp32 master weights; autocast to bf16 on GPU
     sampler = M.sampling_copy(q)  # on GPU, rollouts read a bf16 copy of q
     units = Units(tok)
     sets = ThinkSets(tok, q.get_output_embeddings().weight.shape[0], device, units.newline_first)
     traces, _ = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
-    plans, skipped = [], 0
-    for t in traces:
-        if len(t.actions) > args.max_lines:
-            skipped += 1
-            continue
-        try:
-            plans.append(plan_trace(units, sets, t))
-        except D.DataError:
-            skipped += 1
+    traces, held_traces, held_tasks = held_out_split(traces, args)
+    plans, skipped = make_plans(units, sets, traces, args.max_lines)
+    held, _ = make_plans(units, sets, held_traces, args.max_lines)
+    if held_tasks is not None:  # keep the labels of the traces that made it
+        kept = {p.trace.id for p in held}
+        held_tasks = [t for t in held_tasks if t.trace.id in kept]
     if not plans:
         raise D.DataError(f"{args.data}: no usable traces ({skipped} skipped)")
+    if 0 < len(held) < dist.world:
+        raise ValueError(f"{len(held)} held-out traces cannot be shared by {dist.world} ranks: raise --eval-traces")
     if args.batch_traces % dist.world:
         raise ValueError(f"--batch-traces {args.batch_traces} must divide among {dist.world} ranks")
     per_rank = args.batch_traces // dist.world
@@ -521,15 +708,40 @@ def main(args):
         net = DDP(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(q.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
+    start = 0
+    if args.resume and (out_dir / "checkpoint").exists():
+        M.check_resumable(out_dir / "checkpoint", "estep", args, RESUME_KEYS)
+        start = M.load_training(out_dir / "checkpoint", net, optimizer)
+        M.sync_sampling_copy(sampler, q)
+        M.print0(f"resumed from {out_dir / 'checkpoint'} at step {start}")
     if M.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").write_text("")
-    M.print0(f"estep: {len(plans)} traces ({skipped} skipped), B={args.batch_traces} G={args.group} H={args.horizon} "
-             f"c={args.penalty} L={args.max_latent}, units {'newline-first' if units.newline_first else 'newline-last'}")
+        M.truncate_metrics(out_dir / "metrics.jsonl", start)
+        if start == 0:
+            (out_dir / "metrics.jsonl").write_text("")
+    M.print0(f"estep: {len(plans)} traces ({skipped} skipped), {len(held)} held out, B={args.batch_traces} "
+             f"G={args.group} H={args.horizon} c={args.penalty} L={args.max_latent}, "
+             f"units {'newline-first' if units.newline_first else 'newline-last'}")
+
+    def log(m):
+        if M.is_main():
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+
+    def measure():
+        q.eval()
+        m = instruments(sampler, pi, units, sets, held, held_tasks, args) if held else {}
+        q.train()
+        return m
+
+    first = {}
+    if start == 0 and held:
+        first = measure()
+        log(dict(step=0, **first))
     order = np.random.default_rng(args.seed).permutation(len(plans))
     from tqdm.auto import tqdm
     last = {}
-    for step in tqdm(range(args.steps), disable=not M.is_main(), desc="estep"):
+    for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not M.is_main(), desc="estep"):
         picks = [order[(step * args.batch_traces + k) % len(plans)] for k in range(args.batch_traces)]
         batch = [plans[i] for i in picks[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
         t0 = time.perf_counter()
@@ -537,7 +749,7 @@ def main(args):
         rolls = rollout(sampler, units, sets, batch, args.group, args.max_latent, args.temperature, args.seed * 100003 + step)
         q.train()
         t1 = time.perf_counter()
-        r = rewards(pi, rolls, args.penalty, args.micro_rows)
+        r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
         adv, flat = group_advantages(rolls, r, args.group, args)
         t2 = time.perf_counter()
         n_events = M.all_reduce_sum(float(sum(len(x.events) for x in rolls)))
@@ -564,25 +776,31 @@ def main(args):
                     rollout_s=t1 - t0, reward_s=t2 - t1, train_s=t3 - t2,
                     lines_per_s=M.all_reduce_sum(float(n_groups * args.group)) / (t2 - t0),
                     tokens_per_s=tokens / (t2 - t0))
+        if held and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            last.update(measure())
         _warn(last)
-        if M.is_main():
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
+        log(last)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            M.save_training(out_dir / "checkpoint", net, q, tok, optimizer, "estep", step + 1, args, last)
     q.eval()
-    lim = args.annotate_limit or len(plans)
-    mine = plans[:lim][dist.rank::dist.world]
-    annotated = annotate(sampler, pi, units, sets, mine, args)
-    latents = [r.latents for r in annotated]
-    D.write_traces(out_dir / f"traces.rank{dist.rank}.jsonl", [r.plan.trace for r in annotated], latents)
+    corpus = plans if held_tasks is not None else plans + held  # a corpus's own held-out traces get latents too
+    lim = args.annotate_limit or len(corpus)
+    mine = corpus[:lim][dist.rank::dist.world]
+    latents = annotate(sampler, pi, units, sets, mine, args)
+    D.write_traces(out_dir / f"traces.rank{dist.rank}.jsonl", [p.trace for p in mine], latents)
+    ann = annotation_stats(mine, latents, args)
     M.barrier()
+    curve = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()] if M.is_main() else []
     summary = dict(stage="estep", steps=args.steps, **{k: v for k, v in last.items() if k != "step"},
-                   annotated=lim, traces=str(out_dir / "traces.jsonl"), q=str(out_dir / "q"))
+                   heldout_curve=[{k: v for k, v in m.items() if k == "step" or k.startswith("heldout_")}
+                                  for m in curve if "heldout_elbo" in m],
+                   annotated=lim, **ann, traces=str(out_dir / "traces.jsonl"), q=str(out_dir / "q"))
+    M.save_training(out_dir / "checkpoint", net, q, tok, optimizer, "estep", args.steps, args, summary)
     if M.is_main():
         _merge_parts(out_dir, dist.world)
         M.save_checkpoint(q, tok, out_dir / "q", stage="estep", args=vars(args), metrics=summary)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     M.print0(json.dumps(summary))
-    M.close_dist()
     return summary
 
 
@@ -605,4 +823,4 @@ def _warn(s):
 
 
 if __name__ == "__main__":
-    main(args)
+    M.run_main(main, args)

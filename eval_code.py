@@ -53,7 +53,9 @@ Sections, top to bottom:
 
 import argparse
 
-parser = argparse.ArgumentParser(description="Sample from a model (or read samples), run them sandboxed, report pass@k.")
+parser = argparse.ArgumentParser(description="Sample from a model (or read samples), run them sandboxed, report "
+                                             "pass@k.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="minicode-base", help="model.py spec to sample from")
 parser.add_argument("--bench", default="minicode-heldout",
                     help="humaneval, humaneval+, mbpp[-train|-validation|-test], mbpp+, minicode-*, or a problems .jsonl")
@@ -844,10 +846,18 @@ def evaluate(problems, completions, ks, executor, timeout=None, memory_mb=None):
 
 def main(args):
     import data as D
+    import model as M
+    M.check_flags(parser, args, at_least=dict(n=1, temperature=0, max_new_tokens=1, max_rows=1, limit=1,
+                                              memory_mb=64, workers=1), above=dict(top_p=0, timeout=0))
+    try:
+        ks = sorted({int(k) for k in args.k.split(",")})
+    except ValueError:
+        parser.error(f"--k is a comma list of integers, not {args.k!r}")
+    if ks[0] < 1 or (not args.samples and ks[-1] > args.n):
+        parser.error(f"--k {args.k}: each k must be between 1 and --n ({args.n}); pass@k needs k samples a task")
     problems = D.load_problems(args.bench, data=args.data)
     if args.limit:
         problems = problems[:args.limit]
-    ks = sorted({int(k) for k in args.k.split(",")})
     t0 = time.perf_counter()
     if args.samples:
         completions = read_samples(args.samples)
@@ -892,4 +902,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(args)
+    import model as M
+    M.run_main(main, args)

@@ -34,6 +34,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.")
+    parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="minicode-base",
                         help="minicode-base, hub id, HF directory, .gguf file, smollm2 or tiny-*")
     parser.add_argument("--prompt", default='def evens_total(nums):\n    """Given a list of integers `nums`, keep only the even numbers and then sum the\n    values.\n    """\n',
@@ -101,7 +103,7 @@ def load_model(spec, device=None, dtype=None, seed=0):
     if spec in PRESETS:
         model, tok = make_tiny(spec, seed=seed)
     elif spec.startswith("tiny-"):
-        raise ModelSpecError(f"unknown preset {spec!r}: the presets are {', '.join(PRESETS)}")
+        raise ModelSpecError(f"unknown preset {spec!r}: the presets are minicode-base, smollm2, {', '.join(PRESETS)}")
     elif spec == "smollm2":
         model, tok = _load_gguf(_smollm2_path(), dtype)
     elif spec.endswith(".gguf"):
@@ -112,7 +114,10 @@ def load_model(spec, device=None, dtype=None, seed=0):
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"{path} is not a Hugging Face model directory (it has no config.json)")
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except Exception as e:  # a truncated or corrupt weights file says nothing of which file it was
+            raise ModelSpecError(f"could not load the weights in {path}: {type(e).__name__}: {e}") from e
     elif _looks_like_path(spec):
         raise ModelSpecError(f"no such model directory or file: {path}")
     else:
@@ -175,9 +180,9 @@ def _load_hub(spec, dtype):
         pass
     if not _hub_reachable():
         raise ModelSpecError(
-            f"{spec!r} is not a local path, a .gguf file or a preset ({', '.join(PRESETS)}, smollm2), and the "
-            "Hugging Face hub cannot be reached from here: pass a local path instead (a Hugging Face model "
-            "directory or a .gguf file)")
+            f"{spec!r} is not a local path, a .gguf file or a preset (minicode-base, smollm2, {', '.join(PRESETS)}), "
+            "and the Hugging Face hub cannot be reached from here: pass a local path instead (a Hugging Face "
+            "model directory or a .gguf file)")
     try:
         return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype), AutoTokenizer.from_pretrained(spec)
     except OSError as e:
@@ -310,6 +315,7 @@ def save_checkpoint(model, tok, path, stage, args=None, metrics=None, extra=None
         (tmp / "ra3.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
+        _usual_permissions(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -322,6 +328,15 @@ def save_checkpoint(model, tok, path, stage, args=None, metrics=None, extra=None
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _usual_permissions(root):
+    """Files as the umask says (0644 under the usual 022): some writers (safetensors) leave theirs 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in Path(root).rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
 
 
 def _fsync_tree(root):
@@ -871,6 +886,12 @@ def _packed_hidden(model, input_ids, position_ids, doc_ids):
         return model.base_model(attention_mask=stand_in, **kw).last_hidden_state
 
 
+def packed_hidden(model, input_ids, position_ids, doc_ids):
+    """The last hidden states [rows, T, H] of packed rows (for callers that need more than token log-probs)."""
+    use_ra3_attention(model)
+    return _packed_hidden(model, input_ids, position_ids, doc_ids)
+
+
 def token_logprobs(model, hidden, targets, temperature=1.0):
     """log softmax(lm_head(hidden) / T)[targets] for hidden [N, H], targets [N]."""
     logits = final_logits(model, hidden)
@@ -964,9 +985,47 @@ def autocast(device):
 
 
 def close_dist():
+    """Leave the process group: every rank waits for the others, then destroys it. Call it after the
+    stage's DDP/FSDP wrappers are gone (the scripts call it once main() has returned). A rank that
+    destroyed its gloo group while another was still working, with a DDP reducer still alive, aborted
+    at interpreter exit ("terminate called without an active exception") in 6 of 12 two-rank runs."""
+    import gc
     import torch.distributed as dist
     if dist.is_initialized():
+        gc.collect()  # wrappers caught in reference cycles go before the group they use
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def check_flags(parser, args, at_least=None, above=None):
+    """Stop at once, in one line (parser.error: exit 2), on a numeric flag out of range, rather than deep
+    inside a run: at_least={"steps": 0} means --steps >= 0, above={"lr": 0} means --lr > 0."""
+    for rules, ok, word in ((at_least or {}, lambda v, b: v >= b, "at least"),
+                            (above or {}, lambda v, b: v > b, "more than")):
+        for name, bound in rules.items():
+            value = getattr(args, name)
+            if value is not None and not ok(value, bound):
+                parser.error(f"--{name.replace('_', '-')} must be {word} {bound}, not {value}")
+
+
+def run_main(main, args):
+    """A stage's entry point under python or torchrun: main(args), then leave the process group cleanly
+    (close_dist, once main's DDP wrappers are gone). A mistake the user can fix (a missing or malformed
+    file, a bad model spec, flags that do not fit together: ValueError or OSError) ends in one line,
+    `script.py: error: ...`, exit 2; RA3_DEBUG=1 shows the traceback instead."""
+    try:
+        main(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("RA3_DEBUG"):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {e} (RA3_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)
+    close_dist()
+
+
+def rank_and_world():
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def is_main():

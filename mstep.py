@@ -19,7 +19,8 @@ torchrun --nproc_per_node=N mstep.py ... runs DDP (gloo on CPU, NCCL on GPU); --
 """
 import argparse
 
-parser = argparse.ArgumentParser(description="Next-token prediction on traces: M-step, NTP baseline, pretraining.")
+parser = argparse.ArgumentParser(description="Next-token prediction on traces: M-step, NTP baseline, pretraining.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="minicode-base", help="model to start from (model.py spec)")
 parser.add_argument("--init", choices=["model", "scratch"], default="model",
                     help="start from --model, or from random weights with a tokenizer trained on --data")
@@ -250,11 +251,16 @@ def score_only(model, eval_rows, dist_info, args, device):
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     M.print0(json.dumps(summary))
-    M.close_dist()
     return summary
 
 
 def main(args):
+    M.check_flags(parser, args, at_least=dict(n_tasks=1, steps=0, seq_len=2, batch_tokens=1, micro_rows=1, warmup=0,
+                                              min_lr_ratio=0, weight_decay=0, eval_every=1, save_every=1, hidden=1,
+                                              layers=1, heads=1, kv_heads=1, vocab_size=260),
+                  above=dict(lr=0, clip=0))
+    if not 0 <= args.eval_share < 1 and not (args.steps == 0 and args.eval_share == 1):
+        parser.error(f"--eval-share must be in [0, 1) (1 only with --steps 0), not {args.eval_share}")
     dist_info = M.init_dist()
     device = dist_info.device
     out = Path(args.out)
@@ -318,9 +324,8 @@ def main(args):
     if "mfu" in last:
         summary["mfu"] = last["mfu"]
     M.finish_training(out, net, model, tok, optimizer, "mstep", args.steps, args, summary)
-    M.close_dist()
     return summary
 
 
 if __name__ == "__main__":
-    main(args)
+    M.run_main(main, args)

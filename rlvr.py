@@ -22,7 +22,8 @@ worst case of a step is bounded well under the distributed timeout (`check_rewar
 """
 import argparse
 
-parser = argparse.ArgumentParser(description="GRPO with unit-test rewards; logs the held-out learning curve.")
+parser = argparse.ArgumentParser(description="GRPO with unit-test rewards; logs the held-out learning curve.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="minicode-base", help="policy to start from (model.py spec)")
 parser.add_argument("--problems", default="minicode-train",
                     help="training problems: minicode-train, mbpp-train, or a problems .jsonl (function or io tests)")
@@ -336,6 +337,10 @@ def _warn(m):
 
 
 def main(args):
+    M.check_flags(parser, args, at_least=dict(problems_limit=1, eval_limit=1, eval_every=1, steps=0, batch_prompts=1,
+                                              group=1, max_new_tokens=1, warmup=0, epochs=1, clip_low=0, clip_high=0,
+                                              kl=0, micro_rows=1, max_rows=1, workers=1, save_every=1),
+                  above=dict(temperature=0, lr=0, timeout=0))
     dist = M.init_dist()
     device = dist.device
     out = Path(args.out)
@@ -404,9 +409,8 @@ def main(args):
                    model=str(out / "model"))
     M.release_decoder(sampler)
     M.finish_training(out, net, policy, tok, optimizer, "rlvr", args.steps, args, summary)
-    M.close_dist()
     return summary
 
 
 if __name__ == "__main__":
-    main(args)
+    M.run_main(main, args)

@@ -1,4 +1,4 @@
-"""data.py: traces and latents on real code, packing, benchmark loaders, the minicode world, bad input."""
+"""data.py: traces and latents on real code, packing, benchmark loaders, bad input."""
 import ast
 import functools
 import json
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data as D
+import minicode
 from helpers import tiny
 
 BENCH = Path(os.environ.get("RA3_DATA", Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
@@ -96,7 +97,7 @@ def test_tabs_crlf_and_nested_blocks_round_trip():
 
 def test_encode_trace_masks_the_latent_tokens():
     _, tok = tiny("tiny-gpt2")
-    t = D.minicode_tasks(1, seed=5)[0].trace
+    t = minicode.tasks(1, seed=5)[0].trace
     latents = [None] * len(t.actions)
     latents[1] = "now square them"
     ids, prompt, latent = D.encode_trace(tok, t, latents)
@@ -109,7 +110,7 @@ def test_encode_trace_masks_the_latent_tokens():
 
 
 def test_trace_files_round_trip_and_reject_bad_latents(tmp_path):
-    tasks = D.minicode_tasks(5, seed=9, comment_rate=0.5)
+    tasks = minicode.tasks(5, seed=9, comment_rate=0.5)
     traces = [t.trace for t in tasks]
     D.write_traces(tmp_path / "t.jsonl", traces, [t.plan_comments for t in tasks])
     back, latents = D.read_traces(tmp_path / "t.jsonl")
@@ -166,7 +167,7 @@ def test_pack_equals_unpacked(seed):
 def test_packed_scoring_of_traces_equals_unpacked():
     import model as M
     mdl, tok = tiny("tiny-qwen2")
-    docs = [D.encode_trace(tok, t.trace)[0] for t in D.minicode_tasks(6, seed=4)]
+    docs = [D.encode_trace(tok, t.trace)[0] for t in minicode.tasks(6, seed=4)]
     p = D.pack(docs, 256)
     with torch.no_grad():
         lp = M.packed_logprobs(mdl, p.input_ids, p.position_ids, p.doc_ids)
@@ -239,59 +240,6 @@ def test_problems_jsonl_function_and_io_formats(tmp_path):
     assert probs[0].entry_point == "add" and not probs[0].io_tests
     assert probs[2].io_tests == [("abc\n", "cba\n"), ("xy\n", "yx\n")] and '"""\nPrint the input reversed.' in probs[2].prompt
     assert probs[3].io_tests == [("5\n", "5\n")]
-
-
-# ---- the minicode world ------------------------------------------------------------------------------------
-
-def test_minicode_world_has_enough_kinds_and_types():
-    assert len(D.STEPS) >= 25 and len({s.kind for s in D.STEPS}) == len(D.STEPS)
-    assert {s.src for s in D.STEPS} >= {"ints", "int", "text", "counts", "words"}
-    for s in D.STEPS:  # every kind can follow something or start a chain, and can be followed
-        assert any(o.src == s.dst for o in D.STEPS)
-
-
-def test_minicode_references_pass_their_own_tests():
-    tasks = D.minicode_tasks(3000, seed=11) + D.minicode_tasks(1000, seed=12, held_out=True)
-    for t in tasks:
-        p = t.problem
-        ns = {}
-        exec(p.prompt + p.canonical_solution + p.test, ns)
-        ns["check"](ns[p.entry_point])
-        assert p.test.count("assert candidate(") >= 3
-        assert D.render(t.trace) == p.prompt + p.canonical_solution
-        assert 2 <= len(t.kinds) <= 5
-
-
-def test_minicode_is_seeded_varied_and_held_out_is_disjoint():
-    a = D.minicode_tasks(300, seed=3)
-    b = D.minicode_tasks(300, seed=3)
-    assert [t.problem.prompt + t.problem.canonical_solution for t in a] == \
-           [t.problem.prompt + t.problem.canonical_solution for t in b]
-    train = D.minicode_tasks(3000, seed=1)
-    held = D.minicode_tasks(500, seed=3, held_out=True)
-    train_keys, held_keys = {t.kinds for t in train}, {t.kinds for t in held}
-    assert not train_keys & held_keys and len(held_keys) > 100
-    # variety: docstring openings, styles (loops and one-liners), and multi-line bodies
-    assert len({t.problem.prompt.split("\n")[1].split()[0] for t in train}) >= 8
-    bodies = [t.problem.canonical_solution for t in train]
-    assert sum("for " in b for b in bodies) > 600 and sum("for " not in b for b in bodies) > 300
-    assert sum(len(t.trace.actions) >= 6 for t in train) > 600
-
-
-def test_minicode_corpora_comment_some_steps_and_only_in_pretraining():
-    pre = D.minicode_corpus("pretrain", 400)
-    mid = D.minicode_corpus("midtrain", 400)
-    commented = sum(bool(re.search(r"^\s+# ", text, re.M)) for text in pre)
-    assert 0.5 * len(pre) < commented < len(pre)
-    assert all(not re.search(r"^\s+#", D.render(t), re.M) for t in mid)
-    for text in pre[:200]:
-        ast.parse(text)
-
-
-def test_minicode_splits_by_name():
-    held = D.load_problems("minicode-heldout")
-    assert len(held) == 500 and held[0].task_id.startswith("minicode/heldout/")
-    assert len({p.task_id for p in held}) == 500
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

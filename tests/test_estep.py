@@ -2,6 +2,7 @@
 policy gradient uses against a teacher-forced recomputation, forced lines byte for byte, the penalty,
 and a small model learning to write the comment that helps."""
 import json
+import math
 import os
 import random
 import socket
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import data as D
+import minicode
 import estep as E
 import model as M
 import mstep
@@ -54,8 +56,10 @@ def test_grpo_advantages_equal_a_loop(std_scale):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """A tiny model pretrained on functions whose first line is one of 8 at random, except after the
-    comment '# double it', which is always followed by 'y = x * 2'; and expert traces of that line."""
+    """A tiny model pretrained on two kinds of functions. f: the first line is one of 8 at random, except
+    after the comment '# double it', which is always followed by 'y = x * 2' (a comment that helps).
+    g: the first line is one of 8 at random, and half the time a '# note' comment precedes it that says
+    nothing about it (a comment that cannot help). Expert traces of both."""
     d = tmp_path_factory.mktemp("toy")
     rng = random.Random(0)
     pre, lat = [], []
@@ -63,14 +67,20 @@ def toy(tmp_path_factory):
         commented = rng.random() < 0.3
         pre.append(D.Trace(f"p{i}", "def f(x):\n", [f"    y = {'x * 2' if commented else rng.choice(OPS)}\n", "    return y\n"]))
         lat.append(["# double it" if commented else None, None])
-    D.write_traces(d / "pretrain.jsonl", pre, lat)
+    for i in range(1500):
+        pre.append(D.Trace(f"g{i}", "def g(x):\n", [f"    y = {rng.choice(OPS)}\n", "    return y\n"]))
+        lat.append(["# note" if rng.random() < 0.5 else None, None])
+    order = rng.sample(range(len(pre)), len(pre))
+    D.write_traces(d / "pretrain.jsonl", [pre[i] for i in order], [lat[i] for i in order])
     D.write_traces(d / "expert.jsonl", [D.Trace(f"e{i}", "def f(x):\n", ["    y = x * 2\n", "    return y\n"]) for i in range(64)])
+    D.write_traces(d / "noise.jsonl", [D.Trace(f"n{i}", "def g(x):\n", [f"    y = {OPS[i % 8]}\n", "    return y\n"])
+                                       for i in range(64)])
     for family, out in (("llama", "base"), ("gpt2", "base-gpt2")):  # newline-last and newline-first units
         mstep.main(mstep.parser.parse_args([
             "--init", "scratch", "--family", family, "--data", str(d / "pretrain.jsonl"), "--hidden", "64",
             "--layers", "2", "--heads", "4", "--kv-heads", "2" if family != "gpt2" else "4", "--vocab-size", "300",
-            "--seq-len", "128", "--batch-tokens", "4096", "--micro-rows", "32", "--steps", "150", "--lr", "3e-3",
-            "--warmup", "10", "--eval-every", "150", "--save-every", "1000", "--out", str(d / out)]))
+            "--seq-len", "128", "--batch-tokens", "4096", "--micro-rows", "32", "--steps", "200", "--lr", "3e-3",
+            "--warmup", "10", "--eval-every", "200", "--save-every", "1000", "--out", str(d / out)]))
     return d
 
 
@@ -82,7 +92,7 @@ def test_units_reproduce_the_tokenizer(preset, newline_first):
     units = E.Units(tok)
     assert units.newline_first == newline_first
     sets = E.ThinkSets(tok, len(tok), "cpu", units.newline_first)
-    traces = [t.trace for t in D.minicode_tasks(200, seed=3)]
+    traces = [t.trace for t in minicode.tasks(200, seed=3)]
     same = 0
     for t in traces:
         plan = E.plan_trace(units, sets, t)
@@ -109,7 +119,7 @@ def load(preset, toy):
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "minicode-base", "toy-llama", "toy-gpt2"])
 def test_rollouts_force_the_expert_lines_and_their_log_probs_are_exact(preset, toy):
     mdl, tok = load(preset, toy)
-    traces = [t.trace for t in D.minicode_tasks(4, seed=8)]
+    traces = [t.trace for t in minicode.tasks(4, seed=8)]
     if preset.startswith("toy"):
         traces = D.read_traces(toy / "expert.jsonl")[0][:4]
     temperature = 0.9
@@ -137,7 +147,8 @@ def test_rollouts_force_the_expert_lines_and_their_log_probs_are_exact(preset, t
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "minicode-base", "toy-gpt2"])
 def test_the_decision_is_a_distribution_over_act_and_think(preset, toy):
     mdl, tok = load(preset, toy)
-    trace = D.read_traces(toy / "expert.jsonl")[0][0] if preset.startswith("toy") else D.minicode_tasks(1, seed=2)[0].trace
+    trace = (D.read_traces(toy / "expert.jsonl")[0][0] if preset.startswith("toy")
+             else minicode.tasks(1, seed=2)[0].trace)
     trace = D.Trace("one", trace.prompt, trace.actions[:1])
     rolls, sets, _ = rollouts_of(mdl, tok, [trace], group=600, temperature=1.0, seed=5)
     # P(think) + P(act) = 1 at the boundary, recomputed both ways from one teacher-forced pass
@@ -157,7 +168,94 @@ def test_the_decision_is_a_distribution_over_act_and_think(preset, toy):
     assert abs(thinks - p_think) < 4 * sd + 1e-3, (thinks, p_think)
 
 
+def brute_force_rewards(mdl, tok, rollout, penalty):
+    """The paper's r_t = log pi(a_t | s_t, z_t) - c [think] on one rollout, from a plain forward pass of pi
+    over the rollout's own tokens, without packing and without ThinkSets: each action scores its lead and
+    the prefix its code shares with a comment line; then <think> the code line after the comment, <act>
+    the rest of the line minus log pi(act), with P(think) summed over the vocabulary from token texts.
+    The trace's suffix counts with the last action, so that the rewards sum to the whole document's score."""
+    ids = rollout.plan.prompt + rollout.ids
+    with torch.no_grad():
+        logp = torch.log_softmax(mdl(torch.tensor([ids])).logits[0].double(), -1)
+    texts = [tok.decode([v]) for v in range(logp.shape[1])]
+    pos, out = len(rollout.plan.prompt), []
+    for t, (a, z) in enumerate(zip(rollout.plan.actions, rollout.latents)):
+        def take(tokens):
+            nonlocal pos
+            assert ids[pos:pos + len(tokens)] == tokens
+            pos += len(tokens)
+            return sum(float(logp[pos - len(tokens) + k - 1, v]) for k, v in enumerate(tokens))
+        r = take(a.lead) + take(a.prefix)
+        if z is None:
+            line = tok.decode(ids[:pos], skip_special_tokens=True).rsplit("\n", 1)[-1]
+            start = line + D.indentation(rollout.plan.trace.actions[t]).removeprefix(line) + "#"
+            think = [v for v, x in enumerate(texts) if "\n" not in x and "\r" not in x and (line + x).startswith(start)
+                     and line == start[:len(line)] and v != tok.eos_token_id]
+            p_think = float(logp[pos - 1, think].exp().sum()) if think else 0.0
+            r += take(a.rest) - math.log1p(-p_think)
+        else:
+            pos += sum(1 for role, line in zip(rollout.roles, rollout.lines)
+                       if line == t and role in (E.COMMENT, E.NEWLINE))  # the comment: q's, whatever it wrote
+            r += take(a.full) - penalty
+        out.append(r)
+    out[-1] += take(rollout.plan.suffix)  # the text after the last action (a last newline) goes with it
+    assert pos == len(ids)
+    return out
+
+
+@pytest.mark.parametrize("preset", ["minicode-base", "toy-gpt2"])
+def test_rewards_are_the_papers_formula(preset, toy):
+    mdl, tok = load(preset, toy)
+    traces = ([t.trace for t in minicode.tasks(3, seed=8)] if preset == "minicode-base"
+              else D.read_traces(toy / "expert.jsonl")[0][:3])
+    rolls, sets, _ = rollouts_of(mdl, tok, traces, group=6, seed=2)
+    assert any(z for r in rolls for z in r.latents) and any(z is None for r in rolls for z in r.latents)
+    got = E.rewards(mdl, sets, rolls, 0.05, micro_rows=5)
+    for r, g in zip(rolls, got):
+        want = brute_force_rewards(mdl, tok, r, 0.05)
+        assert np.allclose(g, want, atol=1e-3), (g, want)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "minicode-base"])
+def test_forced_rollouts_write_the_given_latents(preset, toy):
+    mdl, tok = load(preset, toy)
+    units = E.Units(tok)
+    sets = E.ThinkSets(tok, mdl.get_output_embeddings().weight.shape[0], "cpu", units.newline_first)
+    for task in minicode.midtrain_tasks(20, seed=3):
+        plan = E.plan_trace(units, sets, task.trace)
+        for latents in (task.true_plan(), [None] * len(task.step_of), ["# a note"] * len(task.step_of)):
+            r = E.forced_rollout(units, sets, plan, latents)
+            assert r.latents == latents
+            assert tok.decode(plan.prompt + r.ids, skip_special_tokens=True) == D.render(task.trace, latents)
+            assert sum(e[0] == E.NOT_IN_SET for e in r.events) == sum(z is None for z in latents)
+
+
+def test_comment_naming_reads_the_world():
+    tasks = minicode.midtrain_tasks(30, seed=4)
+    right = E.comment_naming([t.true_plan() for t in tasks], tasks)
+    n_steps = sum(len(t.kinds) for t in tasks)
+    assert right == dict(comments=n_steps, named_step=n_steps, named_param=n_steps, wrong_step=0, unnamed=0)
+    shifted = []  # each step's plan comment moved to the next step's first line: it names a step already done
+    for t in tasks:
+        plan = [z for z in t.true_plan() if z]
+        starts = [i for i, s in enumerate(t.step_starts()) if s]
+        z = [None] * len(t.step_of)
+        for i, comment in zip(starts[1:] + [len(z) - 1], plan):
+            z[i] = comment
+        shifted.append(z)
+    wrong = E.comment_naming(shifted, tasks)
+    repeats = sum(t.kinds[i] == t.kinds[i + 1] for t in tasks for i in range(len(t.kinds) - 1))  # never: no kind twice
+    assert wrong["comments"] == n_steps and wrong["wrong_step"] == n_steps - repeats and wrong["named_step"] == repeats
+    other = E.comment_naming([["# walk the list"] + [None] * (len(t.step_of) - 1) for t in tasks], tasks)
+    assert other["unnamed"] == len(tasks) and other["wrong_step"] == 0
+
+
 # ---- learning ---------------------------------------------------------------------------------------------
+
+def updates(out):
+    """The metrics of the updates (metrics.jsonl also holds the held-out instruments at step 0)."""
+    return [m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines()) if m["step"] > 0]
+
 
 def per_line_think(path):
     rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
@@ -168,7 +266,7 @@ def test_learns_to_write_the_comment_where_it_helps(toy, tmp_path):
     s = E.main(E.parser.parse_args(["--model", str(toy / "base" / "model"), "--data", str(toy / "expert.jsonl"),
                                     "--steps", "25", "--batch-traces", "8", "--group", "8", "--lr", "1e-3",
                                     "--out", str(tmp_path)]))
-    curve = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    curve = updates(tmp_path)
     assert curve[-1]["reward"] > curve[0]["reward"] + 0.3
     assert curve[-1]["think_rate"] > curve[0]["think_rate"] + 0.15
     first, second = per_line_think(tmp_path / "traces.jsonl")
@@ -178,11 +276,54 @@ def test_learns_to_write_the_comment_where_it_helps(toy, tmp_path):
     assert s["annotated"] == 64 and (tmp_path / "q" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("penalty", ["0.05", "0.5"])
+def test_a_comment_that_says_nothing_is_dropped_for_any_penalty(toy, tmp_path, penalty):
+    """pi comments before g's first line half the time, but '# note' says nothing about that line: with the
+    reward conditional on the latent, thinking only costs c, so q stops. (With pi's P(think) left in the
+    <act> reward, acting was docked ~0.7 nats here and q learned to think.)"""
+    E.main(E.parser.parse_args(["--model", str(toy / "base" / "model"), "--data", str(toy / "noise.jsonl"),
+                                "--steps", "20", "--batch-traces", "8", "--group", "8", "--lr", "1e-3",
+                                "--penalty", penalty, "--out", str(tmp_path)]))
+    curve = updates(tmp_path)
+    assert curve[0]["think_rate"] > 0.1 and max(c["think_rate"] for c in curve[-5:]) < 0.03
+    assert per_line_think(tmp_path / "traces.jsonl")[0] < 0.05
+
+
+def test_gain_annotation_keeps_only_comments_that_pay(toy, tmp_path):
+    """q = pi, no updates: one rollout keeps pi's habit of writing '# note' before g's first line; the gain
+    filter drops them (they do not raise the code's likelihood by c), and keeps '# double it' before f's."""
+    def annotate(data, mode):
+        out = tmp_path / f"{data}-{mode}"
+        s = E.main(E.parser.parse_args(["--model", str(toy / "base" / "model"), "--data", str(toy / f"{data}.jsonl"),
+                                        "--steps", "0", "--annotate", mode, "--penalty", "0.5", "--out", str(out)]))
+        return s["annotated_think_rate"], per_line_think(out / "traces.jsonl")[0]
+    assert annotate("noise", "one")[1] > 0.25 and annotate("noise", "gain")[1] < 0.05
+    one, gain = annotate("expert", "one")[1], annotate("expert", "gain")[1]
+    assert gain > 0.15 and gain >= one - 0.05
+
+
+def test_resume_continues_exactly(toy, tmp_path):
+    common = ["--model", str(toy / "base" / "model"), "--data", str(toy / "expert.jsonl"), "--batch-traces", "8",
+              "--group", "4", "--lr", "1e-3", "--eval-every", "2", "--annotate-limit", "8"]
+    E.main(E.parser.parse_args(common + ["--steps", "4", "--out", str(tmp_path / "a")]))
+    E.main(E.parser.parse_args(common + ["--steps", "2", "--save-every", "2", "--out", str(tmp_path / "b")]))
+    with pytest.raises(ValueError, match="--penalty"):  # a checkpoint of other settings is refused
+        E.main(E.parser.parse_args(common + ["--steps", "4", "--resume", "--penalty", "0.3",
+                                             "--out", str(tmp_path / "b")]))
+    E.main(E.parser.parse_args(common + ["--steps", "4", "--resume", "--out", str(tmp_path / "b")]))
+    a, b = (Path(tmp_path / x / "metrics.jsonl").read_text().splitlines() for x in "ab")
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if not k.endswith("_s") and k != "tokens_per_s"
+                            and k != "lines_per_s"} for x in lines]  # noqa: E731
+    assert strip(a) == strip(b) and len(a) == 5  # step 0 and four updates
+    wa, wb = (M.load_model(str(tmp_path / x / "q"), device="cpu")[0].state_dict() for x in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_a_large_penalty_drives_thinking_to_zero(toy, tmp_path):
     E.main(E.parser.parse_args(["--model", str(toy / "base" / "model"), "--data", str(toy / "expert.jsonl"),
                                 "--steps", "15", "--batch-traces", "8", "--group", "8", "--lr", "1e-3",
                                 "--penalty", "20", "--out", str(tmp_path)]))
-    curve = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    curve = updates(tmp_path)
     assert curve[0]["think_rate"] > 0.03 and curve[-1]["think_rate"] < 0.01
 
 
@@ -199,7 +340,7 @@ def test_two_ranks_shard_the_traces(toy, tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(f"e{i}" for i in range(10))
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len(updates(tmp_path)) == 3
 
 
 def test_bad_input(tmp_path):

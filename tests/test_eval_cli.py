@@ -46,8 +46,8 @@ def test_sampling_minicode_base_end_to_end(tmp_path):
     greedy = evaluate("--bench", "minicode-heldout", "--limit", "16", "--out", str(tmp_path / "g"))
     assert greedy["problems"] == 16 and greedy["pass@1"] > 0.5  # the shipped base model writes minicode
     s = evaluate("--bench", "minicode-heldout", "--limit", "8", "--n", "4", "--temperature", "0.8",
-                 "--k", "1,4,8", "--out", str(tmp_path / "s"))
-    assert "pass@8" not in s and s["pass@4"] >= s["pass@1"] and s["samples"] == 32
+                 "--k", "1,4", "--out", str(tmp_path / "s"))
+    assert s["pass@4"] >= s["pass@1"] and s["samples"] == 32  # (--k 8 with --n 4 stops at the start)
     samples = (tmp_path / "s" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 32 and all("completion" in json.loads(x) for x in samples)
     # the written samples score the same when read back

@@ -112,6 +112,13 @@ def test_save_reload_same_logits_and_meta(tmp_path):
     meta = M.read_meta(tmp_path / "ck")
     assert meta["stage"] == "mstep" and meta["args"]["lr"] == 1e-3 and meta["metrics"]["loss"] == 1.5
     assert meta["code_version"]
+    mask = os.umask(0o022)
+    try:
+        M.save_checkpoint(mdl, tok, tmp_path / "ck2", stage="mstep", extra={"trainer.pt": {"step": 1}})
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ck2").iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # readable by the group, as files usually are
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data as D
+import minicode
 import model as M
 import mstep
 from helpers import tiny
@@ -99,7 +100,7 @@ def packed_batch(tok, traces, latents, args):
 
 def test_packed_loss_equals_unpacked():
     mdl, tok = tiny("tiny-llama")
-    tasks = D.minicode_tasks(6, seed=2, comment_rate=0.5)
+    tasks = minicode.tasks(6, seed=2, comment_rate=0.5)
     traces, latents = [t.trace for t in tasks], [t.plan_comments for t in tasks]
     args = mstep.parser.parse_args(["--seq-len", "512", "--eval-share", "0"])
     batch, packed = packed_batch(tok, traces, latents, args)
@@ -118,7 +119,7 @@ def test_packed_loss_equals_unpacked():
 
 def test_steps_0_scores_expert_code_like_an_unpacked_loop(tmp_path):
     """--steps 0 --eval-share 1 --mask-prompt: the cross-entropy of a model on the code of a corpus."""
-    traces = [t.trace for t in D.minicode_tasks(**D.MINICODE_SPLITS["minicode-heldout"])[:7]]
+    traces = [t.trace for t in minicode.tasks(**minicode.SPLITS["minicode-heldout"])[:7]]
     D.write_traces(tmp_path / "t.jsonl", traces)
     summary = mstep.main(mstep.parser.parse_args(["--model", "minicode-base", "--data", str(tmp_path / "t.jsonl"),
                                                   "--steps", "0", "--eval-share", "1", "--mask-prompt",
@@ -138,7 +139,7 @@ def test_steps_0_scores_expert_code_like_an_unpacked_loop(tmp_path):
 
 def test_masked_latent_tokens_get_no_gradient():
     mdl, tok = tiny("tiny-qwen2")
-    tasks = D.minicode_tasks(4, seed=3, comment_rate=1.0)
+    tasks = minicode.tasks(4, seed=3, comment_rate=1.0)
     traces, latents = [t.trace for t in tasks], [t.plan_comments for t in tasks]
     masked = mstep.parser.parse_args(["--seq-len", "512", "--eval-share", "0", "--mask-latents"])
     full = mstep.parser.parse_args(["--seq-len", "512", "--eval-share", "0"])

@@ -1,9 +1,13 @@
-"""run.sh: the whole pipeline on tiny budgets, end to end (the wiring, not an experiment)."""
+"""run.sh: the whole pipeline on tiny budgets, end to end (the wiring, not an experiment); report.py; the
+stages' checks of their flags."""
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import model as M
 
@@ -14,54 +18,106 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     out = tmp_path / "pipe"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    run = lambda: subprocess.run(["bash", str(ROOT / "run.sh"), "--tiny", "--out", str(out)], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=900)
+    run = lambda *flags: subprocess.run(["bash", str(ROOT / "run.sh"), "--tiny", "--out", str(out), *flags], cwd=ROOT,
+                                        env=env, capture_output=True, text=True, timeout=900)
     p = run()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     seed = out / "seed0"
-    for stage in ("ntp/model", "ra3/e1/traces.jsonl", "ra3/e2/traces.jsonl", "ra3/m2/model", "eval-base/summary.json",
-                  "eval-ra3/summary.json", "ce-ra3/summary.json", "rl-ntp/model", "rl-ra3/metrics.jsonl"):
+    for stage in ("ntp/model", "oracle/model", "ra3/e1/traces.jsonl", "ra3/e2/traces.jsonl", "ra3/m2/model",
+                  "eval-base/summary.json", "eval-oracle/summary.json", "eval-ra3/summary.json", "ce-ra3/summary.json",
+                  "rl-ntp/model", "rl-oracle/model", "rl-ra3/metrics.jsonl"):
         assert (seed / stage).exists(), stage
-    assert (out / "results.md").exists()
     # the second EM iteration starts from the first one's M-step
     assert json.loads((seed / "ra3/e2/summary.json").read_text())["stage"] == "estep"
     assert M.read_meta(seed / "ra3/e2/q")["args"]["model"] == str(seed / "ra3/m1/model")
+    # the oracle trained on the true plan comments
+    assert M.read_meta(seed / "oracle/model")["args"]["data"] == "minicode-midtrain-oracle"
     # the held-out cross-entropy is each model's own: NTP's and RA3's differ from the base's
     ce = {n: json.loads((seed / f"ce-{n}/summary.json").read_text())["eval_loss"] for n in ("base", "ntp", "ra3")}
     assert ce["base"] != ce["ntp"] and ce["base"] != ce["ra3"] and all(0 < v < 10 for v in ce.values())
     table = (out / "results.md").read_text()
-    assert all(f"| seed0 | {name} |" in table for name in ("base", "ntp", "ra3"))
-    # a rerun finds every stage done and only writes the report again
+    assert all(f"| seed0 | {name} |" in table for name in ("base", "ntp", "oracle", "ra3"))
+    assert table.startswith("Settings: run.sh tiny") and "E-steps" in table
+    # a rerun finds every stage done and only redoes the one whose output went missing
     (seed / "eval-ra3/summary.json").unlink()
     p = run()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count("done already") == 12 and (seed / "eval-ra3/summary.json").exists()
+    assert p.stdout.count("done already") == 16 and (seed / "eval-ra3/summary.json").exists()
+    # a rerun with other settings does not present the old results as its own: it stops at the first stage
+    # that would differ, and names it
+    p = run("--penalty", "0.2")
+    assert p.returncode == 2 and f"{seed / 'ra3/e1'} holds a finished run of something else" in p.stderr
+    assert "--penalty 0.05" in p.stderr and "--penalty 0.2" in p.stderr
+    assert p.stdout.count("done already") == 2  # NTP and the oracle do not depend on c
 
 
 def test_report_averages_seeds(tmp_path):
-    """With every stage's summary.json in place run.sh only reports: per seed, and mean ± sd over seeds."""
+    """report.py on outputs written here: per seed, and mean ± sd over seeds."""
     out = tmp_path / "exp"
     write = lambda path, obj: (path.parent.mkdir(parents=True, exist_ok=True), path.write_text(json.dumps(obj)))
     for s, (p_ntp, p_ra3, curve) in enumerate([(0.8, 0.6, [0.80, 0.86]), (0.9, 0.7, [0.70, 0.75])]):
         d = out / f"seed{s}"
-        for stage in ("ntp", "ra3/m1", "ra3/m2", "rl-ntp", "rl-ra3"):
-            write(d / stage / "summary.json", {})
         for k in (1, 2):
-            write(d / f"ra3/e{k}/summary.json", {"think_rate": 0.1 * k})
+            write(d / f"ra3/e{k}/summary.json", {"heldout_curve": [{"heldout_elbo": -2.0 * k}, {"heldout_elbo": -1.0 * k}],
+                                                  "annotated_think_rate": 0.1 * k})
         for name, p in (("base", 0.5), ("ntp", p_ntp), ("ra3", p_ra3)):
             write(d / f"eval-{name}/summary.json", {"pass@1": p, "think_rate": 0.0})
             write(d / f"ce-{name}/summary.json", {"eval_loss": 1.0 + s})
         for name in ("ntp", "ra3"):
+            (d / f"rl-{name}").mkdir()
             (d / f"rl-{name}/metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
                 {"step": 0, "eval_pass1": curve[0]},
                 {"step": 2, "reward": 0.5, "think_rate": 0.0, "eval_pass1": curve[1]}]) + "\n")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    p = subprocess.run(["bash", str(ROOT / "run.sh"), "--tiny", "--seeds", "2", "--out", str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    (out / "settings.txt").write_text("run.sh test settings")
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), str(out)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count("done already") == 2 * 13
-    lines = [x for x in (out / "results.md").read_text().splitlines() if x.startswith("| ")]
-    rows = {" | ".join(x.split(" | ")[:2]): x for x in lines}
+    text = (out / "results.md").read_text()
+    assert text.startswith("Settings: run.sh test settings")
+    rows = {" | ".join(x.split(" | ")[:2]): x for x in text.splitlines() if x.startswith("| ")}
     assert "| 0.850 ± 0.071 | - | 0.000 ± 0.000 | 1.500 ± 0.707 |" in rows["| mean ± sd (2) | ntp"]
     assert "| reached in 1/2 |" in rows["| mean ± sd (2) | ntp"] and rows["| seed0 | ntp"].endswith("| 2 |")
     assert rows["| seed1 | ra3"].endswith("| >2 |") and "0.650 ± 0.071" in rows["| mean ± sd (2) | ra3"]
+    assert "| seed1 | 2 | -4.000 -> -2.000 |" in text  # the E-step's held-out ELBO, first -> last
+
+
+def test_run_sh_checks_its_numbers():
+    for flags, message in ((["--k", "0"], "--k must be an integer >= 1"), (["--seeds", "0"], "--seeds must be"),
+                           (["--penalty", "-1"], "--penalty must be a number"), (["--eval-n", "x"], "--eval-n must be")):
+        p = subprocess.run(["bash", str(ROOT / "run.sh"), "--tiny", *flags], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("mstep", ["--steps", "-3"], "--steps must be at least 0, not -3"),
+    ("mstep", ["--eval-share", "1"], "--eval-share must be in [0, 1)"),
+    ("estep", ["--group", "0"], "--group must be at least 1"),
+    ("estep", ["--temperature", "0"], "--temperature must be more than 0"),
+    ("rlvr", ["--eval-every", "0"], "--eval-every must be at least 1"),
+    ("rlvr", ["--batch-prompts", "0"], "--batch-prompts must be at least 1"),
+    ("eval_code", ["--limit", "0"], "--limit must be at least 1"),
+    ("eval_code", ["--k", "1,5", "--n", "1"], "each k must be between 1 and --n"),
+    ("eval_code", ["--temperature", "-1"], "--temperature must be at least 0"),
+])
+def test_stages_check_their_numbers_first(script, flags, message, capsys):
+    """A flag out of range stops the stage before any work, in one line naming the flag (exit 2)."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stop:
+        module.main(module.parser.parse_args(flags))
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_users_mistake_is_one_line(tmp_path):
+    """A bad model spec or a corrupt weights file: `script.py: error: ...` naming it, exit 2, no traceback."""
+    mdl, tok = M.load_model("minicode-base", device="cpu")
+    M.save_checkpoint(mdl, tok, tmp_path / "broken", stage="test")
+    weights = tmp_path / "broken" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("RA3_DEBUG", None)
+    for model, says in (("tiny-foo", "the presets are minicode-base, smollm2, tiny-llama"),
+                        (str(tmp_path / "broken"), f"could not load the weights in {tmp_path / 'broken'}")):
+        p = subprocess.run([sys.executable, str(ROOT / "mstep.py"), "--model", model, "--steps", "1", "--out",
+                            str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.strip().splitlines()[-1].startswith("mstep.py: error: ") and says in p.stderr

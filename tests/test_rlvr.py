@@ -112,22 +112,25 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import model as M, rlvr
 from test_rlvr import fake_samples
 from helpers import tiny
-info = M.init_dist()
-samples, adv = fake_samples(16), np.random.default_rng(1).normal(size=16)
-n = len(samples) // info.world
-mine = slice(info.rank * n, (info.rank + 1) * n)
-mdl, _ = tiny("tiny-llama")
-mdl.train()
-net = M.PackedLogProbs(mdl, temperature=0.9)
-if info.world > 1:
-    net = torch.nn.parallel.DistributedDataParallel(net)
-args = rlvr.parser.parse_args(["--epochs", "2"])
-batches = rlvr.micro_batches(samples[mine], 4, info.device)
-rlvr.score_old(net, None, batches, info.device)
-rlvr.set_advantages(batches, adv[mine])
-rlvr.update(net, torch.optim.SGD(mdl.parameters(), lr=0.5), batches, args, info.world, info.device)
-if M.is_main():
-    torch.save(torch.cat([p.detach().flatten() for p in mdl.parameters()]), {out!r})
+
+def run(info):  # in a function, so that the DDP wrapper is gone before close_dist, as in the scripts
+    samples, adv = fake_samples(16), np.random.default_rng(1).normal(size=16)
+    n = len(samples) // info.world
+    mine = slice(info.rank * n, (info.rank + 1) * n)
+    mdl, _ = tiny("tiny-llama")
+    mdl.train()
+    net = M.PackedLogProbs(mdl, temperature=0.9)
+    if info.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    args = rlvr.parser.parse_args(["--epochs", "2"])
+    batches = rlvr.micro_batches(samples[mine], 4, info.device)
+    rlvr.score_old(net, None, batches, info.device)
+    rlvr.set_advantages(batches, adv[mine])
+    rlvr.update(net, torch.optim.SGD(mdl.parameters(), lr=0.5), batches, args, info.world, info.device)
+    if M.is_main():
+        torch.save(torch.cat([p.detach().flatten() for p in mdl.parameters()]), {out!r})
+
+run(M.init_dist())
 M.close_dist()
 """
 

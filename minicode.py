@@ -1,0 +1,457 @@
+"""minicode.py: the minicode world, the project's embedded default and its controlled experiment.
+
+A task is a function of one argument whose body chains 2-7 *steps*. A step has a kind (what it does), an
+input and output type, code in several styles (loop, comprehension, builtin), phrasings for the docstring,
+and phrasings for a plan comment. The world knows which step every line of an expert solution belongs to,
+so it can say what the E-step found (does q's comment name the step that follows?) and write the true plan
+(the oracle's latents).
+
+Paper object                                  -> here
+  expert code (mid-training traces)             -> corpus("midtrain"): solutions without comments
+  code with natural comments (pretraining)      -> corpus("pretrain"): ~half the steps carry a plan comment
+  RLVR problems / held-out benchmark            -> SPLITS: minicode-train / minicode-heldout, with unit tests
+  the latent intent of a line (ground truth)    -> Task.step_of, plan_comment, name_of
+
+Held-out tasks use compositions (sequences of step kinds) that training tasks never use.
+"""
+import dataclasses
+import hashlib
+import itertools
+import json
+import random
+
+from data import Problem, Trace, render
+
+ARG_NAMES = {"ints": ["nums", "values", "xs", "numbers"], "int": ["n", "x", "num"], "text": ["s", "text", "line"],
+             "words": ["words", "tokens", "items"], "counts": ["counts", "freq", "table"]}
+TYPE_PHRASES = {"ints": ["a list of integers", "a list of numbers", "an integer list"],
+                "int": ["an integer", "a number", "a non-negative integer"],
+                "text": ["a string", "a piece of text", "a lowercase sentence"],
+                "words": ["a list of words", "a list of strings"],
+                "counts": ["a dictionary mapping words to counts", "a dict of counts"]}
+VOCAB = ("apple banana cherry delta echo fig grape hotel ice jade kiwi lemon mango night ocean pear quiz "
+         "river sun tree umbra vine wave xray yarn zebra").split()
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    kind: str
+    src: str                # input type
+    dst: str                # output type
+    names: tuple            # output variable names to choose from
+    doc: tuple              # docstring phrasings; {k} etc. are filled from params
+    plan: tuple             # plan comment phrasings
+    styles: dict            # style -> code template; {i} input var, {o} output var, {v} loop var, {k} params
+    params: tuple = ()      # (name, choices) pairs
+
+
+def _S(kind, src, dst, names, doc, plan, params=(), **styles):
+    return Step(kind, src, dst, tuple(names.split()), tuple(doc), tuple(plan), styles, tuple(params))
+
+
+# Code templates are lines joined by "|"; indentation inside a template is 4 spaces per level.
+STEPS = [
+    # ints -> ints
+    _S("keep_even", "ints", "ints", "evens even_vals kept", ["keep only the even numbers", "drop the odd values"],
+       ["keep the even numbers", "filter out odd values", "only evens"],
+       loop="{o} = []|for {v} in {i}:|    if {v} % 2 == 0:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} % 2 == 0]"),
+    _S("keep_odd", "ints", "ints", "odds odd_vals kept", ["keep only the odd numbers", "remove the even values"],
+       ["keep the odd ones", "drop evens", "odd values only"],
+       loop="{o} = []|for {v} in {i}:|    if {v} % 2 != 0:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} % 2 == 1]"),
+    _S("keep_positive", "ints", "ints", "positives pos kept", ["keep the positive numbers", "discard values <= 0"],
+       ["positives only", "remove non-positive numbers"],
+       loop="{o} = []|for {v} in {i}:|    if {v} > 0:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} > 0]",
+       builtin="{o} = list(filter(lambda {v}: {v} > 0, {i}))"),
+    _S("keep_greater", "ints", "ints", "big large kept", ["keep the numbers greater than {k}", "remove values of at most {k}"],
+       ["keep values above {k}", "filter by > {k}"], params=(("k", (0, 2, 3, 5, 7, 10)),),
+       loop="{o} = []|for {v} in {i}:|    if {v} > {k}:|        {o}.append({v})",
+       comp="{o} = [{v} for {v} in {i} if {v} > {k}]"),
+    _S("square_each", "ints", "ints", "squares squared sq", ["square every number", "replace each value by its square"],
+       ["square them", "square each element"],
+       loop="{o} = []|for {v} in {i}:|    {o}.append({v} * {v})", comp="{o} = [{v} ** 2 for {v} in {i}]",
+       builtin="{o} = list(map(lambda {v}: {v} * {v}, {i}))"),
+    _S("add_each", "ints", "ints", "shifted moved plus", ["add {k} to every number", "increase each value by {k}"],
+       ["shift by {k}", "add {k} to each"], params=(("k", (1, 2, 3, 5, 10)),),
+       loop="{o} = []|for {v} in {i}:|    {o}.append({v} + {k})", comp="{o} = [{v} + {k} for {v} in {i}]"),
+    _S("times_each", "ints", "ints", "scaled times mult", ["multiply every number by {k}", "scale each value by {k}"],
+       ["scale by {k}", "multiply each by {k}"], params=(("k", (2, 3, 4, 5)),),
+       loop="{o} = []|for {v} in {i}:|    {o}.append({v} * {k})", comp="{o} = [{v} * {k} for {v} in {i}]"),
+    _S("abs_each", "ints", "ints", "absolutes mags abs_vals", ["take the absolute value of every number",
+                                                               "make every value non-negative"],
+       ["absolute values", "drop the signs"],
+       loop="{o} = []|for {v} in {i}:|    if {v} < 0:|        {o}.append(-{v})|    else:|        {o}.append({v})",
+       comp="{o} = [abs({v}) for {v} in {i}]", builtin="{o} = list(map(abs, {i}))"),
+    _S("sort_up", "ints", "ints", "ordered sorted_vals ascending", ["sort the numbers in increasing order",
+                                                                    "arrange the values from smallest to largest"],
+       ["sort ascending", "order them"], builtin="{o} = sorted({i})",
+       loop="{o} = list({i})|{o}.sort()"),
+    _S("sort_down", "ints", "ints", "descending ranked sorted_desc", ["sort the numbers in decreasing order",
+                                                                      "arrange the values from largest to smallest"],
+       ["sort descending", "largest first"], builtin="{o} = sorted({i}, reverse=True)",
+       loop="{o} = list({i})|{o}.sort(reverse=True)"),
+    _S("reverse_list", "ints", "ints", "backwards flipped rev", ["reverse the order of the numbers",
+                                                                "turn the list around"],
+       ["reverse it", "flip the order"], builtin="{o} = {i}[::-1]",
+       loop="{o} = []|for {v} in reversed({i}):|    {o}.append({v})"),
+    _S("dedupe", "ints", "ints", "unique distinct seen_vals", ["remove repeated numbers, keeping first occurrences",
+                                                               "drop duplicates but keep the order"],
+       ["dedupe", "remove duplicates in order"],
+       loop="{o} = []|for {v} in {i}:|    if {v} not in {o}:|        {o}.append({v})",
+       builtin="{o} = list(dict.fromkeys({i}))"),
+    _S("first_k", "ints", "ints", "head front firsts", ["keep the first {k} numbers", "take only the first {k} values"],
+       ["first {k} only", "truncate to {k}"], params=(("k", (2, 3, 4)),), builtin="{o} = {i}[:{k}]",
+       loop="{o} = []|for {v} in {i}:|    if len({o}) < {k}:|        {o}.append({v})"),
+    _S("drop_k", "ints", "ints", "tail rest remaining", ["drop the first {k} numbers", "skip the first {k} values"],
+       ["skip {k}", "drop the first {k}"], params=(("k", (1, 2, 3)),), builtin="{o} = {i}[{k}:]"),
+    _S("running_sum", "ints", "ints", "prefix cumulative running", ["replace the list by its running totals",
+                                                                    "compute the prefix sums"],
+       ["running totals", "accumulate prefix sums"],
+       loop="{o} = []|acc = 0|for {v} in {i}:|    acc += {v}|    {o}.append(acc)"),
+    _S("diffs", "ints", "ints", "deltas steps gaps", ["take the differences between neighbouring numbers",
+                                                      "list each value minus the one before it"],
+       ["pairwise differences", "consecutive deltas"],
+       loop="{o} = []|for j in range(1, len({i})):|    {o}.append({i}[j] - {i}[j - 1])",
+       comp="{o} = [b - a for a, b in zip({i}, {i}[1:])]"),
+    _S("clamp", "ints", "ints", "clipped bounded capped", ["clip every number into the range {lo}..{hi}",
+                                                           "limit each value to between {lo} and {hi}"],
+       ["clip to [{lo}, {hi}]", "bound the values"], params=(("lo", (0, 1)), ("hi", (5, 9, 10))),
+       loop="{o} = []|for {v} in {i}:|    {o}.append(min(max({v}, {lo}), {hi}))",
+       comp="{o} = [min(max({v}, {lo}), {hi}) for {v} in {i}]"),
+    # ints -> int
+    _S("total", "ints", "int", "total acc result", ["add the numbers up", "sum the values"], ["sum up", "total them"],
+       loop="{o} = 0|for {v} in {i}:|    {o} += {v}", builtin="{o} = sum({i})"),
+    _S("largest", "ints", "int", "best biggest top", ["take the largest number (0 for an empty list)",
+                                                      "find the maximum, or 0 if there is none"],
+       ["find the max", "keep the largest"],
+       loop="{o} = {i}[0] if {i} else 0|for {v} in {i}:|    if {v} > {o}:|        {o} = {v}",
+       builtin="{o} = max({i}, default=0)"),
+    _S("smallest", "ints", "int", "least lowest low", ["take the smallest number (0 for an empty list)",
+                                                      "find the minimum, or 0 if there is none"],
+       ["find the min", "keep the smallest"],
+       loop="{o} = {i}[0] if {i} else 0|for {v} in {i}:|    if {v} < {o}:|        {o} = {v}",
+       builtin="{o} = min({i}, default=0)"),
+    _S("count_greater", "ints", "int", "count hits n_big", ["count the numbers greater than {k}",
+                                                            "how many values exceed {k}"],
+       ["count values over {k}", "tally the big ones"], params=(("k", (0, 3, 5)),),
+       loop="{o} = 0|for {v} in {i}:|    if {v} > {k}:|        {o} += 1",
+       comp="{o} = sum(1 for {v} in {i} if {v} > {k})"),
+    _S("length", "ints", "int", "size count n_items", ["count the numbers", "take the length of the list"],
+       ["how many", "count them"], builtin="{o} = len({i})", loop="{o} = 0|for _ in {i}:|    {o} += 1"),
+    _S("span", "ints", "int", "spread width span", ["take the largest minus the smallest number (0 if empty)",
+                                                    "compute the range max - min, or 0 for no numbers"],
+       ["max minus min", "spread of the values"],
+       loop="if {i}:|    {o} = max({i}) - min({i})|else:|    {o} = 0",
+       builtin="{o} = max({i}) - min({i}) if {i} else 0"),
+    # int -> int
+    _S("add_const", "int", "int", "shifted bumped plus", ["add {k}", "increase it by {k}"], ["plus {k}", "add {k}"],
+       params=(("k", (1, 3, 7, 10)),), builtin="{o} = {i} + {k}"),
+    _S("times_const", "int", "int", "scaled doubled mult", ["multiply by {k}", "scale it by {k}"],
+       ["times {k}", "scale by {k}"], params=(("k", (2, 3, 5)),), builtin="{o} = {i} * {k}"),
+    _S("mod_const", "int", "int", "rem modded residue", ["take the remainder modulo {k}", "reduce it modulo {k}"],
+       ["mod {k}", "remainder by {k}"], params=(("k", (3, 7, 10)),), builtin="{o} = {i} % {k}"),
+    _S("digit_sum", "int", "int", "digit_total dsum sod", ["add up the decimal digits of its absolute value",
+                                                           "compute the digit sum of its magnitude"],
+       ["sum the digits", "digit sum"],
+       loop="{o} = 0|rest = abs({i})|while rest > 0:|    {o} += rest % 10|    rest //= 10",
+       builtin="{o} = sum(int(c) for c in str(abs({i})))"),
+    # int -> ints
+    _S("digits_of", "int", "ints", "digits ds figures", ["list the decimal digits of its absolute value",
+                                                         "split its magnitude into digits"],
+       ["split into digits", "get the digits"], builtin="{o} = [int(c) for c in str(abs({i}))]"),
+    _S("count_up", "int", "ints", "seq upto steps", ["list the numbers from 0 up to (not including) it, at most 12",
+                                                     "make the range 0..n-1, capped at 12 numbers"],
+       ["build the range", "count up from zero"],
+       loop="{o} = []|for j in range(min({i}, 12)):|    {o}.append(j)", builtin="{o} = list(range(min({i}, 12)))"),
+    # text -> text
+    _S("lower_text", "text", "text", "lowered low_s small", ["convert it to lowercase", "lowercase every letter"],
+       ["lowercase", "normalize case"], builtin="{o} = {i}.lower()"),
+    _S("upper_text", "text", "text", "upper shout caps", ["convert it to uppercase", "capitalize every letter"],
+       ["uppercase it", "to upper case"], builtin="{o} = {i}.upper()"),
+    _S("reverse_text", "text", "text", "backwards rev_s flipped", ["reverse the characters", "spell it backwards"],
+       ["reverse the string", "flip it"], builtin="{o} = {i}[::-1]",
+       loop="{o} = ''|for ch in {i}:|    {o} = ch + {o}"),
+    _S("drop_vowels", "text", "text", "consonants stripped no_vowels", ["remove the vowels (a, e, i, o, u)",
+                                                                        "delete every vowel"],
+       ["strip vowels", "drop aeiou"],
+       loop="{o} = ''|for ch in {i}:|    if ch.lower() not in 'aeiou':|        {o} += ch",
+       comp="{o} = ''.join(ch for ch in {i} if ch.lower() not in 'aeiou')"),
+    _S("swap_char", "text", "text", "replaced swapped fixed", ["replace every '{a}' with '{b}'",
+                                                               "turn each '{a}' into '{b}'"],
+       ["swap {a} for {b}", "replace {a}"], params=(("a", ("a", "e", " ")), ("b", ("_", "*", "-"))),
+       builtin="{o} = {i}.replace('{a}', '{b}')"),
+    _S("keep_letters", "text", "text", "letters alpha clean", ["keep only the letters", "drop everything but letters"],
+       ["letters only", "remove non-letters"], comp="{o} = ''.join(ch for ch in {i} if ch.isalpha())",
+       loop="{o} = ''|for ch in {i}:|    if ch.isalpha():|        {o} += ch"),
+    # text -> int
+    _S("count_vowels", "text", "int", "vowels n_vowels vc", ["count its vowels", "how many vowels it has"],
+       ["count vowels", "tally the vowels"],
+       loop="{o} = 0|for ch in {i}:|    if ch.lower() in 'aeiou':|        {o} += 1",
+       comp="{o} = sum(1 for ch in {i} if ch.lower() in 'aeiou')"),
+    _S("text_length", "text", "int", "size length n_chars", ["take its length", "count its characters"],
+       ["length", "count chars"], builtin="{o} = len({i})"),
+    # text -> words, words -> text
+    _S("split_words", "text", "words", "words parts tokens", ["split it into words on whitespace",
+                                                              "break it into a list of words"],
+       ["split into words", "tokenize"], builtin="{o} = {i}.split()"),
+    _S("join_words", "words", "text", "joined line sentence", ["join the words with '{sep}'",
+                                                               "glue the words together separated by '{sep}'"],
+       ["join with '{sep}'", "glue them"], params=(("sep", (" ", "-", ",")),), builtin="{o} = '{sep}'.join({i})"),
+    # words -> ints / words
+    _S("word_lengths", "words", "ints", "lengths sizes lens", ["replace each word by its length",
+                                                               "measure every word"],
+       ["word lengths", "length of each"], comp="{o} = [len(w) for w in {i}]",
+       loop="{o} = []|for w in {i}:|    {o}.append(len(w))"),
+    _S("keep_long", "words", "words", "long_words longer kept", ["keep the words longer than {k} letters",
+                                                                 "drop words of {k} letters or fewer"],
+       ["long words only", "filter short words"], params=(("k", (3, 4, 5)),),
+       comp="{o} = [w for w in {i} if len(w) > {k}]",
+       loop="{o} = []|for w in {i}:|    if len(w) > {k}:|        {o}.append(w)"),
+    _S("sort_words", "words", "words", "alphabetical ordered sorted_words", ["sort the words alphabetically",
+                                                                             "put the words in dictionary order"],
+       ["sort alphabetically", "order the words"], builtin="{o} = sorted({i})"),
+    _S("capitalize_words", "words", "words", "titled caps capitalized", ["capitalize each word",
+                                                                         "make each word start with a capital"],
+       ["capitalize", "title case"], comp="{o} = [w.capitalize() for w in {i}]",
+       loop="{o} = []|for w in {i}:|    {o}.append(w[:1].upper() + w[1:])"),
+    # -> counts
+    _S("count_words", "words", "counts", "counts freq tally", ["count how often each word occurs",
+                                                               "build a word frequency table"],
+       ["count occurrences", "word frequencies"],
+       loop="{o} = {{}}|for w in {i}:|    {o}[w] = {o}.get(w, 0) + 1",
+       comp="{o} = {{w: {i}.count(w) for w in {i}}}"),
+    _S("count_letters", "text", "counts", "letter_counts freq hist", ["count each letter (ignore other characters)",
+                                                                      "tally how often every letter appears"],
+       ["letter histogram", "count letters"],
+       loop="{o} = {{}}|for ch in {i}:|    if ch.isalpha():|        {o}[ch] = {o}.get(ch, 0) + 1"),
+    # counts -> ...
+    _S("count_values", "counts", "ints", "values amounts nums", ["list the counts in key order",
+                                                                 "take the values sorted by their keys"],
+       ["values by key", "counts in key order"], comp="{o} = [{i}[key] for key in sorted({i})]"),
+    _S("sorted_keys", "counts", "words", "keys names sorted_keys", ["list the keys in sorted order",
+                                                                    "take the sorted keys"],
+       ["sorted keys", "the keys"], builtin="{o} = sorted({i})"),
+    _S("max_count", "counts", "int", "most peak top_count", ["take the largest count (0 if empty)",
+                                                             "find the highest value, or 0"],
+       ["largest count", "peak"], builtin="{o} = max({i}.values(), default=0)",
+       loop="{o} = 0|for key in {i}:|    if {i}[key] > {o}:|        {o} = {i}[key]"),
+    _S("total_count", "counts", "int", "total all_counts n", ["add up all the counts", "sum the values"],
+       ["sum counts", "total"], builtin="{o} = sum({i}.values())",
+       loop="{o} = 0|for key in {i}:|    {o} += {i}[key]"),
+    _S("keep_frequent", "counts", "counts", "frequent common kept", ["keep the entries with a count of at least {k}",
+                                                                     "drop entries counted fewer than {k} times"],
+       ["keep frequent ones", "filter rare entries"], params=(("k", (2, 3)),),
+       comp="{o} = {{key: c for key, c in {i}.items() if c >= {k}}}"),
+]
+STEP_BY_KIND = {s.kind: s for s in STEPS}
+
+
+def plan_comment(step, params):
+    """The oracle's plan comment for a step: its first plan phrasing, with its parameters filled in."""
+    return "# " + step.plan[0].format(**params)
+
+
+def _param_choices(step):
+    names = [name for name, _ in step.params]
+    return [dict(zip(names, values)) for values in itertools.product(*(choices for _, choices in step.params))]
+
+
+def _normalize(comment):
+    return " ".join(comment.strip().lstrip("#").lower().split())
+
+
+def _plan_names():
+    """Every plan phrasing of every step, with every parameter value -> the (kind, params) pairs it names."""
+    names = {}
+    for step in STEPS:
+        for params in _param_choices(step):
+            for phrase in step.plan:
+                names.setdefault(_normalize(phrase.format(**params)), set()).add((step.kind, tuple(sorted(params.items()))))
+    return names
+
+
+_NAMES = _plan_names()
+
+
+def names_of(comment):
+    """The (kind, params) pairs a comment names, as a set: empty when it is no plan phrasing of the world
+    (a few phrasings are shared by two kinds, so a comment can name more than one)."""
+    return _NAMES.get(_normalize(comment), set())
+
+
+RESULT_PHRASES = ["Return the result.", "Return what is left.", "Return the final value.", ""]
+OPENERS = ["Given {arg}, {steps}.", "Take {arg}: {steps}.", "For {arg}, {steps}.", "{Steps}. The input is {arg}."]
+
+
+def composition_key(kinds):
+    return "|".join(kinds)
+
+
+def is_held_out(kinds, share=15):
+    """A fixed ~15% of compositions (sequences of step kinds) are reserved for held-out tasks."""
+    return int(hashlib.sha256(composition_key(kinds).encode()).hexdigest(), 16) % 100 < share
+
+
+def _random_chain(rng, length):
+    """A chain of `length` steps whose types line up, no kind twice in a row."""
+    for _ in range(100):
+        chain = [rng.choice(STEPS)]
+        while len(chain) < length:
+            options = [s for s in STEPS if s.src == chain[-1].dst and s.kind != chain[-1].kind]
+            if not options:
+                break
+            chain.append(rng.choice(options))
+        if len(chain) == length:
+            return chain
+    raise RuntimeError("no chain of that length")
+
+
+def _random_input(rng, typ):
+    if typ == "ints":
+        return [rng.randint(-9, 20) for _ in range(rng.randint(3, 8))]
+    if typ == "int":
+        return rng.randint(0, 999)
+    words = [rng.choice(VOCAB) for _ in range(rng.randint(2, 6))]
+    if typ == "text":
+        return " ".join(words)
+    if typ == "words":
+        return words
+    return {w: rng.randint(1, 4) for w in words}  # counts
+
+
+@dataclasses.dataclass
+class Task:
+    kinds: tuple
+    problem: Problem
+    trace: Trace            # the expert trace (no comments)
+    plan_comments: list     # a plan comment per action or None (pretraining corpus; None where no step starts)
+    step_of: list           # per action: index of the step its line belongs to (None: the final return)
+    params: list            # per step: its parameters, e.g. {"k": 3}
+
+    def step_starts(self):
+        """Per action: does a step start here (the place a plan comment belongs)?"""
+        return [i is not None and (t == 0 or self.step_of[t - 1] != i) for t, i in enumerate(self.step_of)]
+
+    def true_plan(self):
+        """The oracle's latents: each step's plan comment (its first phrasing) before its first line."""
+        return [plan_comment(STEP_BY_KIND[self.kinds[i]], self.params[i]) if start else None
+                for start, i in zip(self.step_starts(), self.step_of)]
+
+
+LENGTHS = (2, 2, 3, 3, 4, 5)  # steps per composition, drawn uniformly from this tuple (pretraining, mid-training)
+
+
+def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS):
+    """One minicode task: a composition from the training (or held-out) side of the split, a reference
+    solution in a random mix of styles, a docstring in varied words and n_tests unit tests made by
+    running the reference. comment_rate: share of steps that get a plan comment in the trace's latents."""
+    while True:
+        chain = _random_chain(rng, rng.choice(lengths))
+        kinds = tuple(s.kind for s in chain)
+        if is_held_out(kinds) == held_out:
+            break
+    params = [{name: rng.choice(choices) for name, choices in s.params} for s in chain]
+    arg = rng.choice(ARG_NAMES[chain[0].src])
+    name = "_".join(dict.fromkeys(s.names[0] for s in chain[-3:]))
+    # body: each step's code, with fresh output names
+    body, plan, step_of, used, var = [], [], [], {arg}, arg
+    for i, (s, p) in enumerate(zip(chain, params)):
+        out = next((n for n in rng.sample(s.names, len(s.names)) if n not in used), None) or f"{s.names[0]}{len(used)}"
+        used.add(out)
+        style = rng.choice(sorted(s.styles))
+        loop_var = next(v for v in ("v", "x", "item", "val", "num", "e") if v not in used and v != arg)
+        code = s.styles[style].format(i=var, o=out, v=loop_var, **p).split("|")
+        plan.append(rng.choice(s.plan).format(**p) if rng.random() < comment_rate else None)
+        plan += [None] * (len(code) - 1)
+        step_of += [i] * len(code)
+        body += code
+        var = out
+    body.append(f"return {var}")
+    plan.append(None)
+    step_of.append(None)
+    # docstring
+    phrases = [rng.choice(s.doc).format(**p) for s, p in zip(chain, params)]
+    steps = ", then ".join(phrases[:-1]) + (" and finally " if len(phrases) > 2 else " and then ") + phrases[-1]
+    opener = rng.choice(OPENERS)
+    doc = opener.format(arg=f"{rng.choice(TYPE_PHRASES[chain[0].src])} `{arg}`", steps=steps,
+                        Steps=steps[:1].upper() + steps[1:])
+    doc = (doc + " " + rng.choice(RESULT_PHRASES)).strip()
+    prompt = f"def {name}({arg}):\n" + _docstring(doc)
+    actions = [f"    {line}\n" for line in body]
+    solution = "".join(actions)
+    inputs = []
+    while len(inputs) < n_tests:
+        x = _random_input(rng, chain[0].src)
+        if x not in inputs:
+            inputs.append(x)
+    ns = {}
+    exec(compile(prompt + solution, f"<minicode {name}>", "exec"), ns)
+    fn = ns[name]
+    asserts = "".join(f"    assert candidate({x!r}) == {fn(_copy(x))!r}\n" for x in inputs)
+    problem = Problem(task_id="", prompt=prompt, entry_point=name, test=f"\n\ndef check(candidate):\n{asserts}",
+                      canonical_solution=solution, source="minicode")
+    return Task(kinds, problem, Trace("", prompt, actions), plan, step_of, params)
+
+
+def _copy(x):
+    return json.loads(json.dumps(x))
+
+
+def _docstring(text, width=88):
+    words, lines, cur = text.split(), [], "   "
+    for w in words:
+        if len(cur) + 1 + len(w) > width - 4 and cur.strip():
+            lines.append(cur)
+            cur = "   "
+        cur += " " + w
+    lines.append(cur)
+    lines[0] = '    """' + lines[0].strip()
+    return "\n".join(lines) + '\n    """\n'
+
+
+def tasks(n, seed, held_out=False, comment_rate=0.0, prefix="minicode", lengths=LENGTHS):
+    """n tasks from a seeded stream; the same arguments give the same tasks."""
+    rng = random.Random(f"{prefix}-{seed}-{held_out}" + ("" if lengths == LENGTHS else f"-{lengths}"))
+    out = []
+    for i in range(n):
+        t = make_task(rng, held_out=held_out, comment_rate=comment_rate, lengths=lengths)
+        t.problem.task_id = t.trace.id = f"{prefix}/{'heldout' if held_out else 'train'}/{seed}/{i}"
+        out.append(t)
+    return out
+
+
+# The named minicode splits. Seeds differ by purpose so the sets do not overlap by construction. The base
+# model sees compositions of 2-5 steps; it is near perfect on new compositions of that length (greedy pass@1
+# 0.998) but not on longer ones (40 held-out tasks each: 1.0 at 5 steps, 0.78 at 6, 0.33 at 7, 0.20 at 8).
+# So RL problems and the held-out benchmark are long compositions: that is where there is something to learn.
+SPLITS = {
+    "minicode-train": dict(n=5000, seed=1, held_out=False, lengths=(4, 5, 6, 7)),  # RLVR problems
+    "minicode-valid": dict(n=500, seed=2, held_out=False),                         # in-distribution eval
+    "minicode-heldout": dict(n=500, seed=3, held_out=True, lengths=(5, 6, 7)),     # new, longer compositions
+}
+
+
+MIDTRAIN_LENGTHS = (3, 4, 5, 6, 7)  # mid-training reaches past pretraining's 2-5 steps, toward the long tasks
+
+
+def pretrain_tasks(n, seed=0):
+    """The pretraining stream: about half the steps carry a plan comment (the trace's latents)."""
+    return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain")
+
+
+def midtrain_tasks(n, seed=0):
+    """The mid-training stream as tasks (each knows its steps): seed 0 is the corpus, other seeds give
+    more traces of the same distribution (the E-step's held-out set)."""
+    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=MIDTRAIN_LENGTHS)
+
+
+def corpus(kind, n, seed=0):
+    """Text corpora of minicode. kind='pretrain': functions where ~half the steps carry a plan comment
+    (as real code often does); kind='midtrain': expert traces of 3-7 steps without comments (RA3's to annotate)."""
+    if kind == "pretrain":
+        return [render(t.trace, t.plan_comments) for t in pretrain_tasks(n, seed)]  # load_traces keeps them apart
+    if kind == "midtrain":
+        return [t.trace for t in midtrain_tasks(n, seed)]
+    raise ValueError(f"corpus: kind is 'pretrain' or 'midtrain', not {kind!r}")

@@ -1,0 +1,140 @@
+"""report.py: the table of a run.sh experiment, from the summaries its stages wrote.
+
+    python report.py runs/pipeline          # writes runs/pipeline/results.md (and curves.png with matplotlib)
+
+Per seed and model (base, NTP, oracle, RA3): held-out pass@1 and pass@5, think rate of the samples, the
+cross-entropy on held-out expert code, and the RLVR curve (start, end, steps until pass@1 reaches
+--target); with several seeds, mean ± sd over seeds. Then what each E-step learned (held-out ELBO and
+think rate at its first and last measurement, the share of its comments that name the right step) and
+what it wrote into the corpus. The oracle is the M-step on traces with the world's true plan comments:
+what any latents could buy at this budget. The settings of the run (run.sh writes them to OUT/settings.txt)
+head the file.
+"""
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+parser = argparse.ArgumentParser(description="The results table of a run.sh output folder.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("out", help="run.sh's --out folder (holding seed0/, seed1/, ...)")
+parser.add_argument("--target", type=float, default=0.85, help="RLVR: steps until held-out pass@1 reaches this")
+MODELS = ("base", "ntp", "oracle", "ra3")
+NAN = float("nan")
+
+
+def load(stage_dir):
+    path = Path(stage_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def curve(stage_dir):
+    path = Path(stage_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def model_row(seed_dir, name, target):
+    ev, ce, rl = load(seed_dir / f"eval-{name}"), load(seed_dir / f"ce-{name}"), curve(seed_dir / f"rl-{name}")
+    evals = [(m["step"], m["eval_pass1"]) for m in rl if "eval_pass1" in m]
+    reach = next((s for s, p in evals if p >= target), None)
+    think = [m["think_rate"] for m in rl if "think_rate" in m]
+    return {"pass@1": ev.get("pass@1", NAN), "pass@5": ev.get("pass@5", NAN), "think rate": ev.get("think_rate", NAN),
+            "CE on expert code": ce.get("eval_loss", NAN),
+            "RLVR pass@1 start": evals[0][1] if evals else NAN, "RLVR pass@1 end": evals[-1][1] if evals else NAN,
+            "RLVR think rate end": think[-1] if think else NAN,
+            f"RLVR steps to {target}": NAN if not evals else (reach if reach is not None else f">{evals[-1][0]}")}
+
+
+def fmt(v):
+    if isinstance(v, str):
+        return v
+    return "-" if v != v else (f"{v}" if isinstance(v, int) else f"{v:.3f}")
+
+
+def mean_sd(values):
+    values = [v for v in values if v == v]
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else "-"
+
+
+def models_table(seeds, target):
+    table = {(d.name, n): model_row(d, n, target) for d in seeds for n in MODELS if (d / f"eval-{n}").exists()}
+    if not table:
+        return []
+    cols = list(next(iter(table.values())))
+    lines = ["| seed | model | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 2) + "|"]
+    lines += [f"| {s} | {n} | " + " | ".join(fmt(r[c]) for c in cols) + " |" for (s, n), r in table.items()]
+    if len(seeds) > 1:
+        for n in MODELS:
+            rows = [table[d.name, n] for d in seeds if (d.name, n) in table]
+            if not rows:
+                continue
+            cells = [f"reached in {sum(isinstance(r[c], int) for r in rows)}/{len(rows)}" if c.startswith("RLVR steps")
+                     else mean_sd([r[c] for r in rows]) for c in cols]
+            lines.append(f"| mean ± sd ({len(rows)}) | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def estep_table(seeds):
+    """What each E-step learned on its held-out traces (first -> last measurement) and what it wrote."""
+    cols = ["held-out ELBO", "held-out think rate", "comments naming the step", "annotated think rate",
+            "annotated wrong-step share"]
+    lines = ["| seed | EM iteration | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 2) + "|"]
+    for d in seeds:
+        for e in sorted((d / "ra3").glob("e*/"), key=lambda p: int(p.name[1:])):
+            s = load(e)
+            held = s.get("heldout_curve") or [{}]
+            first, last = held[0], held[-1]
+            arrow = lambda k: f"{fmt(first.get(k, NAN))} -> {fmt(last.get(k, NAN))}"  # noqa: E731
+            lines.append(f"| {d.name} | {e.name[1:]} | {arrow('heldout_elbo')} | {arrow('heldout_think_rate')} | "
+                         f"{fmt(last.get('heldout_named_step', NAN))} | {fmt(s.get('annotated_think_rate', NAN))} | "
+                         f"{fmt(s.get('annotated_wrong_step', NAN))} |")
+    return lines if len(lines) > 2 else []
+
+
+def plot(out, seeds):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plots)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for d in seeds:
+        for i, name in enumerate(MODELS[1:]):
+            m = curve(d / f"rl-{name}")
+            steps, evals = [x for x in m if "reward" in x], [x for x in m if "eval_pass1" in x]
+            if not m:
+                continue
+            label, color = (name if d == seeds[0] else None), f"C{i}"
+            axes[0].plot([x["step"] for x in steps], [x["reward"] for x in steps], color=color, label=label)
+            axes[1].plot([x["step"] for x in evals], [x["eval_pass1"] for x in evals], color=color, marker="o", label=label)
+            axes[2].plot([x["step"] for x in steps], [x["think_rate"] for x in steps], color=color, label=label)
+    for ax, title in zip(axes, ("RLVR reward", "held-out greedy pass@1", "think rate of samples")):
+        ax.set_title(title)
+        ax.set_xlabel("RLVR step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    print(f"plots: {out / 'curves.png'}")
+
+
+def main(args):
+    out = Path(args.out)
+    seeds = sorted(out.glob("seed*/"), key=lambda d: int(d.name[4:]))
+    if not seeds:
+        raise SystemExit(f"report.py: error: no seed*/ folders in {out}")
+    settings = out / "settings.txt"
+    text = (f"Settings: {settings.read_text().strip()}\n\n" if settings.exists() else "")
+    text += "\n".join(models_table(seeds, args.target)) + "\n"
+    estep = estep_table(seeds)
+    if estep:
+        text += "\nE-steps (held-out instruments, first -> last measurement; what q wrote into the corpus):\n\n"
+        text += "\n".join(estep) + "\n"
+    (out / "results.md").write_text(text)
+    print(text)
+    plot(out, seeds)
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
