@@ -67,7 +67,9 @@ parser.add_argument("--eval-traces", type=int, default=64,
                     help="held-out traces for the instruments (never trained on); 0: none")
 parser.add_argument("--eval-every", type=int, default=5, help="measure the instruments every N updates")
 parser.add_argument("--save-every", type=int, default=25, help="checkpoint q and its optimizer every N updates")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+parser.add_argument("--resume", action="store_true",
+                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else left as is)")
+parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":
     args = parser.parse_args()
@@ -676,6 +678,11 @@ def main(args):
                                               annotate_limit=1, eval_traces=0, eval_every=1, save_every=1),
                   above=dict(temperature=0, annotate_temperature=0, lr=0))
     dist = M.init_dist()
+    done = M.finished_run(args.out, args, "estep", RESUME_KEYS)
+    if done is not None:
+        M.print0(f"{args.out} holds this run, finished: nothing to do")
+        M.print0(json.dumps(done))
+        return done
     device = dist.device
     out_dir = Path(args.out)
     random.seed(args.seed)

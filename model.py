@@ -1132,6 +1132,30 @@ def finish_training(out, net, model, tok, optimizer, stage, step, args, summary)
     print0(json.dumps(summary))
 
 
+def finished_run(out, args, stage, keys):
+    """Before a trainer writes to OUT. A finished run there (its summary.json) is kept: with --resume to the
+    same --steps there is nothing left to do and its summary is returned; with --resume to more steps it is
+    extended (None); without --resume the run is refused, unless --overwrite, which clears it first."""
+    out = Path(out)
+    if not (out / "summary.json").exists():
+        return None
+    done = json.loads((out / "summary.json").read_text())
+    if args.resume:
+        if (out / "checkpoint").exists():
+            check_resumable(out / "checkpoint", stage, args, keys)  # the same run, or none at all
+        return done if done.get("steps") == args.steps else None
+    if not args.overwrite:
+        raise ValueError(f"{out} holds a finished {done.get('stage')} run of {done.get('steps')} steps: --resume "
+                         f"keeps it (and extends it to more --steps), --overwrite replaces it, or choose another --out")
+    barrier()  # every rank has read it before rank 0 clears it
+    if is_main():
+        for name in ("summary.json", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    barrier()
+    return None
+
+
 def check_resumable(path, stage, args, keys):
     """Refuse to resume from a checkpoint of another stage, or one written with other values of `keys`."""
     meta = read_meta(path)

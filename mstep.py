@@ -46,7 +46,9 @@ parser.add_argument("--mask-prompt", action="store_true", help="no loss on promp
 parser.add_argument("--eval-share", type=float, default=0.02, help="share of traces held out for the eval loss")
 parser.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps")
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+parser.add_argument("--resume", action="store_true",
+                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else left as is)")
+parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the decoder layers and the log-softmax (default: on GPU)")
@@ -74,7 +76,9 @@ import data as D  # noqa: E402
 import model as M  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 dense bf16, the figure MFU is reported against
-RESUME_KEYS = ("model", "init", "data", "seq_len", "family", "hidden", "layers", "heads", "kv_heads", "vocab_size")
+RESUME_KEYS = ("model", "init", "data", "n_tasks", "seq_len", "batch_tokens", "lr", "warmup", "schedule", "min_lr_ratio",
+               "weight_decay", "mask_latents", "mask_prompt", "eval_share", "seed", "family", "hidden", "layers",
+               "heads", "kv_heads", "vocab_size")
 
 
 # ---- the objective ----------------------------------------------------------------------------------------
@@ -262,6 +266,11 @@ def main(args):
     if not 0 <= args.eval_share < 1 and not (args.steps == 0 and args.eval_share == 1):
         parser.error(f"--eval-share must be in [0, 1) (1 only with --steps 0), not {args.eval_share}")
     dist_info = M.init_dist()
+    done = M.finished_run(args.out, args, "mstep", RESUME_KEYS)
+    if done is not None:
+        M.print0(f"{args.out} holds this run, finished: nothing to do")
+        M.print0(json.dumps(done))
+        return done
     device = dist_info.device
     out = Path(args.out)
     torch.manual_seed(args.seed)
@@ -279,10 +288,12 @@ def main(args):
         M.compile_scorer(model)  # before DDP/FSDP wrap it; in place, so checkpoints keep their keys
     net = wrap(model, dist_info, args.fsdp)
     optimizer = make_optimizer(net, args, device)
-    start = 0
+    start, tokens_seen, seconds = 0, 0, 0.0
     if args.resume and (out / "checkpoint").exists():
         M.check_resumable(out / "checkpoint", "mstep", args, RESUME_KEYS)
         start = M.load_training(out / "checkpoint", net, optimizer)
+        so_far = M.read_meta(out / "checkpoint")["metrics"]  # so that the summary covers the whole run
+        tokens_seen, seconds = so_far.get("tokens", 0), so_far.get("seconds", 0.0)
         M.print0(f"resumed from {out / 'checkpoint'} at step {start}")
     if M.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +304,7 @@ def main(args):
     fpt = flops_per_token(model, args.seq_len)
     from tqdm.auto import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not M.is_main(), desc="mstep")
-    t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    t_start, last = time.perf_counter() - seconds, {}
     for step in bar:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, args)
@@ -305,7 +316,8 @@ def main(args):
         dt = time.perf_counter() - t0
         n_tok = int((packed.doc_ids[rows] >= 0).sum())
         tokens_seen += n_tok
-        last = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=grad_norm, tokens_per_s=n_tok / dt)
+        last = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=grad_norm, tokens_per_s=n_tok / dt,
+                    tokens=tokens_seen, seconds=round(time.perf_counter() - t_start, 2))
         if device.type == "cuda":
             last["mfu"] = fpt * n_tok / dt / (PEAK_FLOPS * dist_info.world)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

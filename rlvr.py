@@ -51,7 +51,9 @@ parser.add_argument("--max-rows", type=int, default=256, help="rows the sampler 
 parser.add_argument("--timeout", type=float, default=None, help="seconds per program (default: eval_code's per benchmark)")
 parser.add_argument("--workers", type=int, default=None, help="programs run at once per rank (default: CPU count)")
 parser.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps")
-parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+parser.add_argument("--resume", action="store_true",
+                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else left as is)")
+parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":
     args = parser.parse_args()
@@ -71,7 +73,8 @@ import data as D  # noqa: E402
 import eval_code as E  # noqa: E402
 import model as M  # noqa: E402
 
-RESUME_KEYS = ("model", "problems", "problems_limit", "batch_prompts", "group", "temperature", "seed")
+RESUME_KEYS = ("model", "problems", "problems_limit", "batch_prompts", "group", "temperature", "lr", "warmup", "epochs",
+               "clip_low", "clip_high", "kl", "partial_credit", "std_scale", "max_new_tokens", "seed")
 DIST_TIMEOUT_S = 600  # torch.distributed's default for NCCL; a step's reward phase must stay well below it
 
 
@@ -342,6 +345,11 @@ def main(args):
                                               kl=0, micro_rows=1, max_rows=1, workers=1, save_every=1),
                   above=dict(temperature=0, lr=0, timeout=0))
     dist = M.init_dist()
+    done = M.finished_run(args.out, args, "rlvr", RESUME_KEYS)
+    if done is not None:
+        M.print0(f"{args.out} holds this run, finished: nothing to do")
+        M.print0(json.dumps(done))
+        return done
     device = dist.device
     out = Path(args.out)
     torch.manual_seed(args.seed)
@@ -404,6 +412,9 @@ def main(args):
             M.save_training(out / "checkpoint", net, policy, tok, optimizer, "rlvr", step + 1, args, m)
     bar.close()
     executor.close()
+    if M.is_main():  # the whole curve, step 0 included, also after a resume
+        curve = [(x["step"], x["eval_pass1"]) for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if "eval_pass1" in x]
     summary = dict(stage="rlvr", steps=args.steps, reward=m.get("reward"), eval_bench=args.eval_bench,
                    eval_pass1=m.get("eval_pass1"), curve=curve, seconds=round(time.perf_counter() - t_start, 2),
                    model=str(out / "model"))

@@ -95,3 +95,19 @@ def test_think_rate_counts_code_lines_right_after_a_comment(tmp_path):
         "print(3)  # inline: not a thought\n"]) + "\n")
     s = evaluate("--bench", str(problems), "--samples", str(samples))
     assert s["pass@1"] == 1.0 and s["think_rate"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_evalplus_solutions_partial_files_and_unwritable_out(tmp_path, capsys):
+    """evalplus's `solution` (the whole program) scores like a completion; a file that covers part of the
+    benchmark says so; an --out that cannot be written stops before any work."""
+    problems = D.load_problems("humaneval")[:3]
+    path = tmp_path / "solutions.jsonl"
+    path.write_text("".join(json.dumps({"task_id": p.task_id, "solution": p.prompt + p.canonical_solution}) + "\n"
+                            for p in problems))
+    s = evaluate("--bench", "humaneval", "--samples", str(path))
+    assert s["problems"] == 3 and s["pass@1"] == 1.0
+    assert "covers 3 of the 164 humaneval tasks" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        evaluate("--bench", "humaneval", "--samples", str(path), "--out", str(blocker / "out"))

@@ -90,6 +90,17 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert "resumed from" in out
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert len(cut) == 8 and max(abs(x - y) for x, y in zip(full, cut)) < 1e-6, (full, cut)
+    summary = lambda d: json.loads((tmp_path / d / "summary.json").read_text())  # noqa: E731
+    assert summary("cut")["tokens"] == summary("full")["tokens"] > 0  # the summary covers the whole run
+    # resuming a finished run keeps it; a new run over it is refused unless told to overwrite
+    before = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    out = run(args + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert "nothing to do" in out and (tmp_path / "cut" / "metrics.jsonl").read_text() == before
+    with pytest.raises(ValueError, match="holds a finished mstep run of 8 steps"):
+        mstep.main(mstep.parser.parse_args(args + ["--out", str(tmp_path / "cut")]))
+    with pytest.raises(ValueError, match="cannot resume: .* --batch-tokens 4096, this run has 8192"):
+        mstep.main(mstep.parser.parse_args([a if a != "4096" else "8192" for a in args] +
+                                           ["--steps", "9", "--out", str(tmp_path / "cut"), "--resume"]))
 
 
 def packed_batch(tok, traces, latents, args):

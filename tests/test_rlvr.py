@@ -203,7 +203,9 @@ def test_run_logs_the_curve_and_resumes_exactly(tmp_path):
     assert m[1]["logprob_gap"] < 1e-4  # the sampler and the trainer agree on the sampled tokens' log-probs
     assert m[1]["reward"] > 0 and m[1]["truncated"] < 0.5  # the shipped base writes minicode programs that pass
     rlvr.main(rlvr.parser.parse_args(SMALL + ["--steps", "1", "--eval-every", "2", "--out", str(tmp_path / "b")]))
-    rlvr.main(rlvr.parser.parse_args(SMALL + ["--steps", "2", "--eval-every", "2", "--resume", "--out", str(tmp_path / "b")]))
+    resumed = rlvr.main(rlvr.parser.parse_args(SMALL + ["--steps", "2", "--eval-every", "2", "--resume",
+                                                        "--out", str(tmp_path / "b")]))
+    assert [s for s, _ in resumed["curve"]] == [0, 2]  # the whole curve, step 0 included
     m2 = metrics(tmp_path / "b")
     assert [x["step"] for x in m2] == [0, 1, 2]
     assert m2[2]["reward"] == m[2]["reward"] and abs(m2[2]["kl"] - m[2]["kl"]) < 1e-9
