@@ -747,7 +747,7 @@ def main(args):
         log(dict(step=0, **first))
     order = np.random.default_rng(args.seed).permutation(len(plans))
     from tqdm.auto import tqdm
-    last = {}
+    last, interrupt = {}, M.StopOnInterrupt()
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not M.is_main(), desc="estep"):
         picks = [order[(step * args.batch_traces + k) % len(plans)] for k in range(args.batch_traces)]
         batch = [plans[i] for i in picks[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
@@ -789,6 +789,9 @@ def main(args):
         log(last)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             M.save_training(out_dir / "checkpoint", net, q, tok, optimizer, "estep", step + 1, args, last)
+        if step + 1 < args.steps and interrupt.asked():
+            M.stop_interrupted(out_dir / "checkpoint", net, q, tok, optimizer, "estep", step + 1, args, last)
+    interrupt.restore()
     q.eval()
     corpus = plans if held_tasks is not None else plans + held  # a corpus's own held-out traces get latents too
     lim = args.annotate_limit or len(corpus)

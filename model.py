@@ -31,6 +31,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -1130,6 +1131,39 @@ def finish_training(out, net, model, tok, optimizer, stage, step, args, summary)
     if is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print0(json.dumps(summary))
+
+
+class StopOnInterrupt:
+    """Ctrl-C in a trainer's loop: the first SIGINT asks it to stop after the current step (`asked()` turns
+    True on every rank at the same step: the flag is summed over ranks), so that it can checkpoint and exit;
+    a second one stops at once. `restore()` puts back the previous handler. In the main thread only."""
+
+    def __init__(self):
+        import threading
+        self.flag, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        print("interrupted: stopping after this step with a checkpoint (Ctrl-C again to stop now)", file=sys.stderr,
+              flush=True)
+
+    def asked(self):
+        return all_reduce_sum(float(self.flag)) > 0
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def stop_interrupted(path, net, model, tok, optimizer, stage, step, args, metrics):
+    """The end of an interrupted run: a resumable checkpoint, one line, exit status 130 (as for SIGINT)."""
+    save_training(path, net, model, tok, optimizer, stage, step, args, metrics)
+    print0(f"{stage}.py: interrupted at step {step}; checkpoint in {path}: the same command with --resume continues")
+    raise SystemExit(130)
 
 
 def finished_run(out, args, stage, keys):

@@ -305,6 +305,7 @@ def main(args):
     from tqdm.auto import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not M.is_main(), desc="mstep")
     t_start, last = time.perf_counter() - seconds, {}
+    interrupt = M.StopOnInterrupt()
     for step in bar:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, args)
@@ -328,6 +329,9 @@ def main(args):
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             M.save_training(out / "checkpoint", net, model, tok, optimizer, "mstep", step + 1, args, last)
+        if step + 1 < args.steps and interrupt.asked():
+            M.stop_interrupted(out / "checkpoint", net, model, tok, optimizer, "mstep", step + 1, args, last)
+    interrupt.restore()
     bar.close()
     elapsed = time.perf_counter() - t_start
     summary = dict(stage="mstep", steps=args.steps, final_loss=last.get("loss"), eval_loss=last.get("eval_loss"),

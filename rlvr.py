@@ -396,6 +396,7 @@ def main(args):
     from tqdm.auto import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not M.is_main(), desc="rlvr")
     m, t_start = {}, time.perf_counter()
+    interrupt = M.StopOnInterrupt()
     for step in bar:
         for g in optimizer.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
@@ -410,6 +411,10 @@ def main(args):
         bar.set_postfix(reward=f"{m['reward']:.3f}", **({"pass1": f"{m['eval_pass1']:.3f}"} if "eval_pass1" in m else {}))
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             M.save_training(out / "checkpoint", net, policy, tok, optimizer, "rlvr", step + 1, args, m)
+        if step + 1 < args.steps and interrupt.asked():
+            executor.close()
+            M.stop_interrupted(out / "checkpoint", net, policy, tok, optimizer, "rlvr", step + 1, args, m)
+    interrupt.restore()
     bar.close()
     executor.close()
     if M.is_main():  # the whole curve, step 0 included, also after a resume

@@ -103,6 +103,24 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
                                            ["--steps", "9", "--out", str(tmp_path / "cut"), "--resume"]))
 
 
+def test_ctrl_c_checkpoints_and_resume_finishes(tmp_path):
+    args = TINY + ["--steps", "40", "--save-every", "100", "--out", str(tmp_path / "run")]
+    p = run(args, wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            p.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 130, out[-2000:]
+    assert "interrupted at step" in out and "Traceback" not in out
+    step = M.read_meta(tmp_path / "run" / "checkpoint")["metrics"]["step"]
+    assert 2 <= step < 40 and len(metrics.read_text().splitlines()) == step
+    assert "resumed from" in run(args + ["--resume"]) and len(losses(tmp_path / "run")) == 40
+
+
 def packed_batch(tok, traces, latents, args):
     packed, _ = mstep.build_rows(tok, traces, latents, args)
     mask = mstep.targets(packed)
