@@ -58,9 +58,10 @@ parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip (act
 parser.add_argument("--kl", type=float, default=0.0, help="weight of k3 KL(q || pi) on comment tokens (0: off)")
 parser.add_argument("--std-scale", action="store_true", help="divide advantages by the group's std")
 parser.add_argument("--micro-rows", type=int, default=64, help="rollouts per forward pass when scoring/training")
-parser.add_argument("--annotate", choices=["one", "best", "gain"], default="one",
+parser.add_argument("--annotate", choices=["one", "best", "gain"], default="gain",
                     help="bootstrap: one rollout per trace, the best of G by return, or one rollout keeping only "
-                         "the comments whose gain in pi's log-likelihood of the code exceeds c")
+                         "the comments whose gain in pi's log-likelihood of the code exceeds c (the fewest "
+                         "wrong comments: LOG.md, 2026-11-30)")
 parser.add_argument("--annotate-temperature", type=float, default=1.0, help="q's temperature when annotating")
 parser.add_argument("--annotate-limit", type=int, default=None, help="annotate only the first N traces")
 parser.add_argument("--eval-traces", type=int, default=64,

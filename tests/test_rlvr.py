@@ -205,7 +205,7 @@ def test_run_logs_the_curve_and_resumes_exactly(tmp_path):
     rlvr.main(rlvr.parser.parse_args(SMALL + ["--steps", "1", "--eval-every", "2", "--out", str(tmp_path / "b")]))
     resumed = rlvr.main(rlvr.parser.parse_args(SMALL + ["--steps", "2", "--eval-every", "2", "--resume",
                                                         "--out", str(tmp_path / "b")]))
-    assert [s for s, _ in resumed["curve"]] == [0, 2]  # the whole curve, step 0 included
+    assert [s for s, _ in resumed["curve"]] == [0, 1, 2]  # the whole curve, step 0 included
     m2 = metrics(tmp_path / "b")
     assert [x["step"] for x in m2] == [0, 1, 2]
     assert m2[2]["reward"] == m[2]["reward"] and abs(m2[2]["kl"] - m[2]["kl"]) < 1e-9
