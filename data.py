@@ -564,16 +564,32 @@ _candidate = {entry}  # bound before check() is defined: some MBPP+ functions ar
 import copy as _copy
 import math as _math
 
+def _is_floats(x):  # evalplus's rule: a float, or a non-empty list or tuple of floats only
+    return isinstance(x, float) or (isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, float) for i in x))
+
+def _close(out, exp, atol):  # numpy.testing.assert_allclose(out, exp, rtol=1e-7, atol), without numpy
+    if isinstance(exp, (list, tuple)) or isinstance(out, (list, tuple)):
+        return (isinstance(exp, (list, tuple)) and isinstance(out, (list, tuple)) and len(out) == len(exp)
+                and all(_close(o, e, atol) for o, e in zip(out, exp)))
+    if not all(isinstance(v, (int, float)) for v in (out, exp)):
+        return False
+    if _math.isnan(exp) or _math.isnan(out):
+        return _math.isnan(exp) and _math.isnan(out)
+    return out == exp or abs(out - exp) <= atol + 1e-7 * abs(exp)
+
 def _same(out, exp, atol):
+    # as evalplus judges: an exact match (a list is not a tuple), else, where the expected output is floats
+    # or the task has a tolerance, closeness as numpy's assert_allclose measures it
     if type(exp).__eq__ is object.__eq__ and exp is not None:  # no value equality (a re.Match, say): compare
         return bool(out) == bool(exp)                           # truthiness, as the task's own asserts do
-    if isinstance(exp, float) or isinstance(out, float):
-        if isinstance(exp, (int, float)) and isinstance(out, (int, float)) and not isinstance(out, bool):
-            return _math.isclose(out, exp, rel_tol=1e-7, abs_tol=max(atol, 1e-6)) or (_math.isnan(exp) and _math.isnan(out))
-        return False
-    if isinstance(exp, (list, tuple)) and isinstance(out, (list, tuple)):
-        return len(out) == len(exp) and all(_same(o, e, atol) for o, e in zip(out, exp))
-    return out == exp
+    if atol == 0 and _is_floats(exp):
+        atol = 1e-6
+    try:
+        if out == exp:
+            return True
+    except Exception:
+        pass
+    return atol != 0 and _close(out, exp, atol)
 
 def check(candidate):
     for args, exp in zip(_INPUTS, _EXPECTED):

@@ -742,10 +742,8 @@ def main(args):
         q.train()
         return m
 
-    first = {}
     if start == 0 and held:
-        first = measure()
-        log(dict(step=0, **first))
+        log(dict(step=0, **measure()))
     order = np.random.default_rng(args.seed).permutation(len(plans))
     from tqdm.auto import tqdm
     last, interrupt = {}, M.StopOnInterrupt()

@@ -461,3 +461,33 @@ def test_pass_at_k_edges():
     for bad in [(5, 6, 1), (5, 1, 0), (5, 1, 6), (5, -1, 1)]:
         with pytest.raises(ValueError):
             E.pass_at_k(*bad)
+
+
+def test_plus_outputs_are_judged_as_evalplus_judges():
+    """HumanEval+/MBPP+ comparisons, one task per class where we and evalplus 0.3.1 used to differ: a list
+    is not a tuple (Mbpp/587 returns a tuple); float outputs pass within evalplus's tolerance, whatever the
+    sequence type (numpy's allclose); ints compare exactly."""
+    import data as D
+    tasks = {  # task: (reference, inputs, {candidate body: should pass})
+        "tuple": ("def f(l):\n    return tuple(l)\n", [[[1, 2, 3]], [[]]],
+                  {"return tuple(l)": True, "return list(l)": False, "return tuple(sorted(l))": True}),
+        "floats": ("def f(x):\n    return [x / 3, x / 7]\n", [[1.0], [2.0]],
+                   {"return (x / 3, x / 7)": True, "return [x / 3 + 1e-9, x / 7]": True,
+                    "return [x / 3 + 1e-3, x / 7]": False}),
+        "ints": ("def f(x):\n    return x * 2\n", [[1], [5]],
+                 {"return x * 2": True, "return x * 2 + 1": False, "return float(x * 2)": True}),
+    }
+    problems, completions, want = [], {}, {}
+    for name, (reference, inputs, candidates) in tasks.items():
+        for i, (body, ok) in enumerate(candidates.items()):
+            record = {"task_id": f"Mbpp/{name}{i}", "prompt": "Do it.", "entry_point": "f",
+                      "canonical_solution": reference, "base_input": inputs, "plus_input": [], "atol": 0,
+                      "assertion": f"assert f({inputs[0][0]!r}) == 0"}
+            p = D._plus(record, "test", "mbpp+")
+            problems.append(p)
+            completions[p.task_id] = [f"def f({'l' if name == 'tuple' else 'x'}):\n    {body}\n"]
+            want[p.task_id] = ok
+    with E.Executor(2) as pool:
+        results, _ = E.evaluate(problems, completions, [1], pool)
+    got = {r["task_id"]: r["correct"] == 1 for r in results}
+    assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
