@@ -6,8 +6,13 @@ over a padded batch plus a full log-softmax vs packed_logprobs over the same doc
 On GPU it also measures device memory bandwidth (a large copy) and estimates the bytes one decode step
 must move (weights + the KV cache it reads + logits), to say how close the sampler is to that limit.
 
+E-step (--estep): estep.py's own loop on minicode at --estep-batch traces x 8 rollouts, the median time
+of an update's phases (rollout, rewards, training) and the time to annotate --estep-annotate traces;
+with --profile, where the time goes (the functions with the most cumulative time).
+
     python bench.py                                   # CPU, tiny preset
     python bench.py --model smollm2 --prompts 64 --n 4,10 --max-new-tokens 128   # GPU
+    python bench.py --estep --model minicode-base --profile                       # the E-step update
 """
 import argparse
 import json
@@ -27,6 +32,10 @@ parser.add_argument("--score-rows", default="512,1024,2048", help="packed row le
 parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
 parser.add_argument("--compile", action="store_true", help="also time the sampler with torch.compile (GPU)")
 parser.add_argument("--profile", action="store_true", help="print where a decode step spends its GPU time")
+parser.add_argument("--estep", action="store_true", help="time the E-step instead of the sampler and scorer")
+parser.add_argument("--estep-batch", type=int, default=16, help="--estep: traces per update (B; G = 8)")
+parser.add_argument("--estep-steps", type=int, default=6, help="--estep: updates timed")
+parser.add_argument("--estep-annotate", type=int, default=1000, help="--estep: traces annotated")
 parser.add_argument("--out", default=None, help="write bench.json here")
 args = parser.parse_args()
 
@@ -179,7 +188,43 @@ def bench_scorer(mdl, tok, results):
             print(line, flush=True)
 
 
+def bench_estep(results):
+    """estep.py's loop itself (no copy of it here): the phases' median seconds over the updates, from its
+    metrics.jsonl, and the annotation's seconds, from its summary."""
+    import cProfile
+    import pstats
+    import statistics
+    import tempfile
+
+    import estep
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--model", args.model, "--batch-traces", str(args.estep_batch), "--group", "8",
+                "--steps", str(args.estep_steps), "--eval-traces", "0", "--annotate-limit", str(args.estep_annotate),
+                "--out", out]
+        profile = cProfile.Profile() if args.profile else None
+        run = profile.runcall if profile else (lambda f, *a: f(*a))
+        summary = run(estep.main, estep.parser.parse_args(argv))
+        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    phases = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "reward_s", "train_s")}
+    results["estep"] = dict(batch=args.estep_batch, group=8, updates=len(rows), **phases,
+                            update_s=sum(phases.values()), annotate_s=summary["annotate_s"],
+                            annotated=args.estep_annotate)
+    print(f"E-step update at B={args.estep_batch}, G=8: {sum(phases.values()):.2f} s (rollout "
+          f"{phases['rollout_s']:.2f}, rewards {phases['reward_s']:.2f}, training {phases['train_s']:.2f}); "
+          f"annotating {args.estep_annotate} traces: {summary['annotate_s']:.1f} s", flush=True)
+    if profile:
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
+
+
 def main():
+    if args.estep:
+        results = dict(model=args.model, torch=torch.__version__)
+        bench_estep(results)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "bench.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results))
+        return
     mdl, tok = M.load_model(args.model)
     dev = next(mdl.parameters()).device
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"

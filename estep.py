@@ -795,7 +795,9 @@ def main(args):
     corpus = plans if held_tasks is not None else plans + held  # a corpus's own held-out traces get latents too
     lim = args.annotate_limit or len(corpus)
     mine = corpus[:lim][dist.rank::dist.world]
+    t0 = time.perf_counter()
     latents = annotate(sampler, pi, units, sets, mine, args)
+    annotate_s = M.all_reduce_sum(time.perf_counter() - t0) / dist.world
     D.write_traces(out_dir / f"traces.rank{dist.rank}.jsonl", [p.trace for p in mine], latents)
     ann = annotation_stats(mine, latents, args)
     M.barrier()
@@ -803,7 +805,8 @@ def main(args):
     summary = dict(stage="estep", steps=args.steps, **{k: v for k, v in last.items() if k != "step"},
                    heldout_curve=[{k: v for k, v in m.items() if k == "step" or k.startswith("heldout_")}
                                   for m in curve if "heldout_elbo" in m],
-                   annotated=lim, **ann, traces=str(out_dir / "traces.jsonl"), q=str(out_dir / "q"))
+                   annotated=lim, **ann, annotate_s=round(annotate_s, 2), traces=str(out_dir / "traces.jsonl"),
+                   q=str(out_dir / "q"))
     M.save_training(out_dir / "checkpoint", net, q, tok, optimizer, "estep", args.steps, args, summary)
     if M.is_main():
         _merge_parts(out_dir, dist.world)

@@ -371,10 +371,11 @@ def main(args):
     timeout = E.limits_for(problems[0], args.timeout)[0]
     jobs = per_rank * args.group * (max(len(E.split_asserts(p.test)) for p in problems) if args.partial_credit else 1)
     check_reward_bound(jobs, executor.workers, timeout, dist.world)
-    start = 0
+    start, seconds = 0, 0.0
     if args.resume and (out / "checkpoint").exists():
         M.check_resumable(out / "checkpoint", "rlvr", args, RESUME_KEYS)
         start = M.load_training(out / "checkpoint", net, optimizer)
+        seconds = M.read_meta(out / "checkpoint")["metrics"].get("seconds", 0.0)  # the summary covers the whole run
         M.sync_sampling_copy(sampler, policy)
         M.print0(f"resumed from {out / 'checkpoint'} at step {start}")
     if M.is_main():
@@ -395,7 +396,7 @@ def main(args):
         curve.append((0, p1))
     from tqdm.auto import tqdm
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not M.is_main(), desc="rlvr")
-    m, t_start = {}, time.perf_counter()
+    m, t_start = {}, time.perf_counter() - seconds
     interrupt = M.StopOnInterrupt()
     for step in bar:
         for g in optimizer.param_groups:
@@ -403,6 +404,7 @@ def main(args):
         picks = step_problems(step, len(problems), args.batch_prompts, args.seed)
         mine = [problems[i] for i in picks[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
         m = dict(step=step + 1, **rl_step(policy, sampler, net, ref_net, tok, optimizer, mine, executor, args, dist, step))
+        m["seconds"] = round(time.perf_counter() - t_start, 2)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             m["eval_pass1"], m["eval_think_rate"] = held_out_pass1(sampler, tok, evals, executor, args, dist)
             curve.append((step + 1, m["eval_pass1"]))
