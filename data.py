@@ -38,7 +38,7 @@ import torch
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build a corpus of expert traces and report its size.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--corpus", default="minicode-midtrain",
                         help="minicode-midtrain, minicode-pretrain, stdlib, a directory of .py files, hf:NAME or a .jsonl")
     parser.add_argument("--tasks", type=int, default=10000, help="minicode: number of tasks")

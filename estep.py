@@ -69,7 +69,7 @@ parser.add_argument("--eval-traces", type=int, default=64,
 parser.add_argument("--eval-every", type=int, default=5, help="measure the instruments every N updates")
 parser.add_argument("--save-every", type=int, default=25, help="checkpoint q and its optimizer every N updates")
 parser.add_argument("--resume", action="store_true",
-                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else left as is)")
+                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":

@@ -268,7 +268,8 @@ def _plan_names():
     for step in STEPS:
         for params in _param_choices(step):
             for phrase in step.plan:
-                names.setdefault(_normalize(phrase.format(**params)), set()).add((step.kind, tuple(sorted(params.items()))))
+                named = (step.kind, tuple(sorted(params.items())))
+                names.setdefault(_normalize(phrase.format(**params)), set()).add(named)
     return names
 
 

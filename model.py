@@ -31,8 +31,8 @@ import importlib
 import importlib.util
 import json
 import os
-import signal
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +48,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="minicode-base",
                         help="minicode-base, hub id, HF directory, .gguf file, smollm2 or tiny-*")
     parser.add_argument("--prompt", default='def evens_total(nums):\n    """Given a list of integers `nums`, keep only the even numbers and then sum the\n    values.\n    """\n',
@@ -104,7 +104,8 @@ def load_model(spec, device=None, dtype=None, seed=0):
     if spec in PRESETS:
         model, tok = make_tiny(spec, seed=seed)
     elif spec.startswith("tiny-"):
-        raise ModelSpecError(f"unknown preset {spec!r}: the presets are minicode-base, smollm2, {', '.join(PRESETS)}")
+        raise ModelSpecError(f"unknown preset {spec!r}: the presets are minicode-base, smollm2, "
+                             f"{', '.join(PRESETS)}")
     elif spec == "smollm2":
         model, tok = _load_gguf(_smollm2_path(), dtype)
     elif spec.endswith(".gguf"):
@@ -1019,7 +1020,8 @@ def run_main(main, args):
     except (ValueError, OSError) as e:
         if os.environ.get("RA3_DEBUG"):
             raise
-        print(f"{Path(sys.argv[0]).name}: error: {e} (RA3_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+        print(f"{Path(sys.argv[0]).name}: error: {e} (RA3_DEBUG=1 shows the traceback)", file=sys.stderr,
+              flush=True)
         sys.exit(2)
     close_dist()
 

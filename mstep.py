@@ -47,7 +47,7 @@ parser.add_argument("--eval-share", type=float, default=0.02, help="share of tra
 parser.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps")
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
 parser.add_argument("--resume", action="store_true",
-                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else left as is)")
+                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -108,7 +108,8 @@ def plot(out, seeds):
                 continue
             label, color = (name if d == seeds[0] else None), f"C{i}"
             axes[0].plot([x["step"] for x in steps], [x["reward"] for x in steps], color=color, label=label)
-            axes[1].plot([x["step"] for x in evals], [x["eval_pass1"] for x in evals], color=color, marker="o", label=label)
+            axes[1].plot([x["step"] for x in evals], [x["eval_pass1"] for x in evals], color=color, marker="o",
+                         label=label)
             axes[2].plot([x["step"] for x in steps], [x["think_rate"] for x in steps], color=color, label=label)
     for ax, title in zip(axes, ("RLVR reward", "held-out greedy pass@1", "think rate of samples")):
         ax.set_title(title)

@@ -52,7 +52,7 @@ parser.add_argument("--timeout", type=float, default=None, help="seconds per pro
 parser.add_argument("--workers", type=int, default=None, help="programs run at once per rank (default: CPU count)")
 parser.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps")
 parser.add_argument("--resume", action="store_true",
-                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else left as is)")
+                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":
