@@ -616,8 +616,8 @@ def annotation_stats(plans, latents, args):
     sums = {k: M.all_reduce_sum(float(v)) for k, v in sums.items()}
     out = dict(annotated_think_rate=sums["comments"] / max(sums["lines"], 1.0))
     for k in ("named_step", "wrong_step", "unnamed"):
-        if k in sums:
-            out[f"annotated_{k}"] = sums[k] / max(sums["comments"], 1.0)
+        if k in sums:  # None where there is no comment to read
+            out[f"annotated_{k}"] = sums[k] / sums["comments"] if sums["comments"] else None
     return out
 
 
@@ -653,11 +653,12 @@ def instruments(q, pi, units, sets, plans, tasks, args):
     out = dict(elbo=sums["elbo"] / sums["traces"], think_rate=sums["thinks"] / sums["lines"],
                code_ll_q=sums["code_ll_q"] / sums["traces"], code_ll_none=sums["code_ll_none"] / sums["traces"])
     if tasks is not None:
-        comments = max(sums["comments"], 1.0)
+        comments = sums["comments"]  # the shares are None where q wrote no comment
         out.update(code_ll_plan=sums["code_ll_plan"] / sums["traces"],
                    think_at_starts=sums["thinks_at_starts"] / sums["starts"],
                    think_elsewhere=sums["thinks_elsewhere"] / (sums["lines"] - sums["starts"]),
-                   **{k: sums[k] / comments for k in ("named_step", "named_param", "wrong_step", "unnamed")})
+                   **{k: sums[k] / comments if comments else None
+                      for k in ("named_step", "named_param", "wrong_step", "unnamed")})
     return {f"heldout_{k}": v for k, v in out.items()}
 
 

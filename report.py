@@ -48,7 +48,7 @@ def model_row(seed_dir, name, target):
 def fmt(v):
     if isinstance(v, str):
         return v
-    return "-" if v != v else (f"{v}" if isinstance(v, int) else f"{v:.3f}")
+    return "-" if v is None or v != v else (f"{v}" if isinstance(v, int) else f"{v:.3f}")
 
 
 def mean_sd(values):
