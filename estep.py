@@ -402,9 +402,7 @@ def rewards(pi, sets, rollouts, penalty, micro_rows):
                 for kind, p, mask, line, _ in r.events if kind == NOT_IN_SET]
         with torch.no_grad(), M.autocast(device):
             hidden = M.packed_hidden(pi, ids, pos, doc)
-            scored = (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0)
-            lp = torch.zeros(ids.shape, device=device)
-            lp[:, 1:][scored] = M.chunked_logprobs(pi, hidden[:, :-1][scored], ids[:, 1:][scored]).float()
+            lp = M.hidden_logprobs(pi, hidden, ids, doc)
             act_lp = torch.zeros(0)
             if acts:
                 where = torch.tensor([(row, col, mask) for _, _, row, col, mask in acts], device=device)
@@ -596,23 +594,25 @@ def comment_naming(latents, tasks):
             if z is None:
                 continue
             names = minicode.names_of(z)
+            kinds = {kind for kind, _ in names}
             truth = None if step is None else (task.kinds[step], tuple(sorted(task.params[step].items())))
             counts["comments"] += 1
             counts["unnamed"] += not names
-            counts["named_step"] += truth is not None and truth[0] in {kind for kind, _ in names}
+            counts["named_step"] += truth is not None and truth[0] in kinds
             counts["named_param"] += truth in names
-            counts["wrong_step"] += bool(names) and (truth is None or truth[0] not in {kind for kind, _ in names})
+            counts["wrong_step"] += bool(names) and (truth is None or truth[0] not in kinds)
     return counts
 
 
 def annotation_stats(plans, latents, args):
     """The annotated corpus, summed over ranks: its think rate and, on minicode-midtrain, what its comments
     name (the share of wrong-step comments is what the M-step would learn as noise)."""
-    sums = dict(lines=sum(len(z) for z in latents), comments=sum(x is not None for z in latents for x in z))
     if args.data == "minicode-midtrain":
         by_id = {t.trace.id: t for t in minicode.midtrain_tasks(args.n_tasks)}
         sums = comment_naming(latents, [by_id[p.trace.id] for p in plans])
-        sums["lines"] = sum(len(z) for z in latents)
+    else:
+        sums = dict(comments=sum(x is not None for z in latents for x in z))
+    sums["lines"] = sum(len(z) for z in latents)
     sums = {k: M.all_reduce_sum(float(v)) for k, v in sums.items()}
     out = dict(annotated_think_rate=sums["comments"] / max(sums["lines"], 1.0))
     for k in ("named_step", "wrong_step", "unnamed"):
@@ -621,29 +621,44 @@ def annotation_stats(plans, latents, args):
     return out
 
 
-def instruments(q, pi, units, sets, plans, tasks, args):
+def _my_share(items):
+    """The items this rank measures: every world-th one."""
+    rank, world = M.rank_and_world()
+    return None if items is None else items[rank::world]
+
+
+def reference_scores(pi, units, sets, plans, tasks, args):
+    """pi's log-likelihood of this rank's held-out code with no comments and, on minicode, with the true
+    plan comments: fixed for the run (pi is frozen), so measured once, not at every instruments call."""
+    plans, tasks = _my_share(plans), _my_share(tasks)
+
+    def score(latents):
+        rolls = [forced_rollout(units, sets, p, z) for p, z in zip(plans, latents)]
+        return sum(x.sum() for x in rewards(pi, sets, rolls, 0.0, args.micro_rows))
+
+    out = dict(code_ll_none=score([[None] * len(p.actions) for p in plans]))
+    if tasks is not None:
+        out["code_ll_plan"] = score([t.true_plan() for t in tasks])
+    return out
+
+
+def instruments(q, pi, units, sets, plans, tasks, reference, args):
     """One rollout of q per held-out trace (the same random numbers at every call), scored by pi:
       elbo                  E_q sum_t r_t per trace: the objective, penalty included
       think_rate            share of lines q comments; on minicode also at step starts and elsewhere
       code_ll_q, _none, _plan   the code's log-likelihood per trace (no penalty) with q's comments, with
-                            none, and with the true plan comments (minicode)
+                            none, and with the true plan comments (minicode; the last two from `reference`)
       named_step, named_param, wrong_step, unnamed   shares of q's comments that name the step that
                             follows, name its parameter too, name another step, name none (minicode)
     Sums are reduced over ranks (each rank takes every world-th trace)."""
-    rank, world = M.rank_and_world()
-    mine = list(range(rank, len(plans), world))
-    plans = [plans[i] for i in mine]
+    plans, tasks = _my_share(plans), _my_share(tasks)
     rolls = rollout(q, units, sets, plans, 1, args.max_latent, args.temperature, seed=4242)
     r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
     think = [np.array([z is not None for z in ro.latents]) for ro in rolls]
     sums = dict(traces=len(plans), lines=sum(len(x) for x in think), thinks=sum(x.sum() for x in think),
-                elbo=sum(x.sum() for x in r), code_ll_q=sum((x + args.penalty * z).sum() for x, z in zip(r, think)))
-    none = [forced_rollout(units, sets, p, [None] * len(p.actions)) for p in plans]
-    sums["code_ll_none"] = sum(x.sum() for x in rewards(pi, sets, none, 0.0, args.micro_rows))
+                elbo=sum(x.sum() for x in r), code_ll_q=sum((x + args.penalty * z).sum() for x, z in zip(r, think)),
+                **reference)
     if tasks is not None:
-        tasks = [tasks[i] for i in mine]
-        oracle = [forced_rollout(units, sets, p, t.true_plan()) for p, t in zip(plans, tasks)]
-        sums["code_ll_plan"] = sum(x.sum() for x in rewards(pi, sets, oracle, 0.0, args.micro_rows))
         starts = [np.array(t.step_starts()) for t in tasks]
         sums["starts"] = sum(x.sum() for x in starts)
         sums["thinks_at_starts"] = sum((x & y).sum() for x, y in zip(think, starts))
@@ -737,9 +752,11 @@ def main(args):
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
 
+    reference = reference_scores(pi, units, sets, held, held_tasks, args) if held else {}
+
     def measure():
         q.eval()
-        m = instruments(sampler, pi, units, sets, held, held_tasks, args) if held else {}
+        m = instruments(sampler, pi, units, sets, held, held_tasks, reference, args) if held else {}
         q.train()
         return m
 

@@ -935,6 +935,11 @@ def packed_logprobs(model, input_ids, position_ids, doc_ids, temperature=1.0, ch
 
 def _packed_logprobs_pass(model, input_ids, position_ids, doc_ids, temperature, chunk):
     hidden = _packed_hidden(model, input_ids, position_ids, doc_ids)
+    return hidden_logprobs(model, hidden, input_ids, doc_ids, temperature, chunk)
+
+
+def hidden_logprobs(model, hidden, input_ids, doc_ids, temperature=1.0, chunk=None):
+    """packed_logprobs from the packed rows' hidden states (packed_hidden), for callers that need both."""
     scored = (doc_ids[:, 1:] == doc_ids[:, :-1]) & (doc_ids[:, 1:] >= 0)
     targets = input_ids[:, 1:]
     if chunk is None and scored.numel() * model.config.vocab_size * 4 <= FULL_LOGITS_BYTES:
