@@ -697,8 +697,6 @@ def main(args):
     dist = M.init_dist()
     done = M.finished_run(args.out, args, "estep", RESUME_KEYS)
     if done is not None:
-        M.print0(f"{args.out} holds this run, finished: nothing to do")
-        M.print0(json.dumps(done))
         return done
     device = dist.device
     out_dir = Path(args.out)

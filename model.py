@@ -1184,7 +1184,11 @@ def finished_run(out, args, stage, keys):
     if args.resume:
         if (out / "checkpoint").exists():
             check_resumable(out / "checkpoint", stage, args, keys)  # the same run, or none at all
-        return done if done.get("steps") == args.steps else None
+        if done.get("steps") != args.steps:
+            return None
+        print0(f"{out} holds this run, finished: nothing to do")
+        print0(json.dumps(done))  # the summary as the last stdout line, as a finished run prints it
+        return done
     if not args.overwrite:
         raise ValueError(f"{out} holds a finished {done.get('stage')} run of {done.get('steps')} steps: --resume "
                          f"keeps it (and extends it to more --steps), --overwrite replaces it, or choose another --out")

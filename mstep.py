@@ -268,8 +268,6 @@ def main(args):
     dist_info = M.init_dist()
     done = M.finished_run(args.out, args, "mstep", RESUME_KEYS)
     if done is not None:
-        M.print0(f"{args.out} holds this run, finished: nothing to do")
-        M.print0(json.dumps(done))
         return done
     device = dist_info.device
     out = Path(args.out)

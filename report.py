@@ -17,7 +17,7 @@ from pathlib import Path
 
 parser = argparse.ArgumentParser(description="The results table of a run.sh output folder.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("out", help="run.sh's --out folder (holding seed0/, seed1/, ...)")
+parser.add_argument("out", nargs="?", default="runs/pipeline", help="run.sh's --out folder (holding seed0/, ...)")
 parser.add_argument("--target", type=float, default=0.85, help="RLVR: steps until held-out pass@1 reaches this")
 MODELS = ("base", "ntp", "oracle", "ra3")
 NAN = float("nan")
