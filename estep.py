@@ -569,6 +569,12 @@ def annotate(q, pi, units, sets, plans, args):
 # 6. Instruments: what q has learned, on held-out traces
 # =====================================================================================================
 
+def minicode_world(data):
+    """The world of a minicode mid-training corpus (it knows the step of every line), else None."""
+    world, what = minicode.parse(data) or (None, None)
+    return world if what == "midtrain" else None
+
+
 def held_out_split(traces, args):
     """(training traces, held-out traces, their minicode tasks or None). On minicode-midtrain the held-out
     traces are more of the same stream (another seed, none that the corpus holds), and the world knows
@@ -576,9 +582,11 @@ def held_out_split(traces, args):
     aside."""
     if args.eval_traces == 0:
         return traces, [], None
-    if args.data == "minicode-midtrain":
+    world = minicode_world(args.data)
+    if world is not None:
         seen = {D.render(t) for t in traces}
-        tasks = [t for t in minicode.midtrain_tasks(2 * args.eval_traces, seed=1) if D.render(t.trace) not in seen]
+        tasks = [t for t in minicode.midtrain_tasks(2 * args.eval_traces, seed=1, world=world)
+                 if D.render(t.trace) not in seen]
         tasks = tasks[:args.eval_traces]
         return traces, [t.trace for t in tasks], tasks
     n = min(args.eval_traces, len(traces) // 4)  # a small corpus keeps most of its traces for training
@@ -607,8 +615,9 @@ def comment_naming(latents, tasks):
 def annotation_stats(plans, latents, args):
     """The annotated corpus, summed over ranks: its think rate and, on minicode-midtrain, what its comments
     name (the share of wrong-step comments is what the M-step would learn as noise)."""
-    if args.data == "minicode-midtrain":
-        by_id = {t.trace.id: t for t in minicode.midtrain_tasks(args.n_tasks)}
+    world = minicode_world(args.data)
+    if world is not None:
+        by_id = {t.trace.id: t for t in minicode.midtrain_tasks(args.n_tasks, world=world)}
         sums = comment_naming(latents, [by_id[p.trace.id] for p in plans])
     else:
         sums = dict(comments=sum(x is not None for z in latents for x in z))

@@ -34,6 +34,24 @@ VOCAB = ("apple banana cherry delta echo fig grape hotel ice jade kiwi lemon man
 
 
 @dataclasses.dataclass(frozen=True)
+class World:
+    """What a world's text gives away. plain (the first world): a plan comment is a short phrase of its own
+    ("# only evens") and every output variable and the function are named after their steps, so the code
+    documents itself. echo: a plan comment restates the docstring's own words for the step, as comments
+    in real code often restate the spec, so a model can find its place in a long docstring by matching its
+    last comment. anon: variables and the function get neutral names (res, tmp, solve), so the first
+    tokens of a step no longer say which step it is."""
+    echo: bool = False
+    anon: bool = False
+
+
+WORLDS = {"plain": World(), "echo": World(echo=True), "anon": World(anon=True), "echo+anon": World(True, True)}
+DEFAULT_WORLD = "plain"   # the world of the bare `minicode-*` names and of models/minicode-base
+NEUTRAL_NAMES = ("res", "out", "tmp", "cur", "data", "part", "got", "mid", "buf", "y", "z", "t", "r", "u")
+NEUTRAL_FUNCTIONS = ("solve", "compute", "transform", "process", "apply", "run")
+
+
+@dataclasses.dataclass(frozen=True)
 class Step:
     kind: str
     src: str                # input type
@@ -267,7 +285,7 @@ def _plan_names():
     names = {}
     for step in STEPS:
         for params in _param_choices(step):
-            for phrase in step.plan:
+            for phrase in step.plan + step.doc:  # echo worlds comment with the docstring's phrasings
                 named = (step.kind, tuple(sorted(params.items())))
                 names.setdefault(_normalize(phrase.format(**params)), set()).add(named)
     return names
@@ -277,8 +295,8 @@ _NAMES = _plan_names()
 
 
 def names_of(comment):
-    """The (kind, params) pairs a comment names, as a set: empty when it is no plan phrasing of the world
-    (a few phrasings are shared by two kinds, so a comment can name more than one)."""
+    """The (kind, params) pairs a comment names, as a set: empty when it is no plan or docstring phrasing of
+    a step (a few phrasings are shared by two kinds, so a comment can name more than one)."""
     return _NAMES.get(_normalize(comment), set())
 
 
@@ -290,9 +308,21 @@ def composition_key(kinds):
     return "|".join(kinds)
 
 
+def _composition_hash(kinds):
+    return int(hashlib.sha256(composition_key(kinds).encode()).hexdigest(), 16)
+
+
 def is_held_out(kinds, share=15):
     """A fixed ~15% of compositions (sequences of step kinds) are reserved for held-out tasks."""
-    return int(hashlib.sha256(composition_key(kinds).encode()).hexdigest(), 16) % 100 < share
+    return _composition_hash(kinds) % 100 < share
+
+
+def side_of(kinds):
+    """train, dev or test. A third of the held-out compositions are dev: settings are chosen on them, and
+    the test tasks (minicode-heldout) never share a composition with them."""
+    if not is_held_out(kinds):
+        return "train"
+    return "dev" if _composition_hash(kinds) // 100 % 3 == 0 else "test"
 
 
 def _random_chain(rng, length):
@@ -330,47 +360,51 @@ class Task:
     plan_comments: list     # a plan comment per action or None (pretraining corpus; None where no step starts)
     step_of: list           # per action: index of the step its line belongs to (None: the final return)
     params: list            # per step: its parameters, e.g. {"k": 3}
+    plan: list              # per step: the oracle's plan comment
 
     def step_starts(self):
         """Per action: does a step start here (the place a plan comment belongs)?"""
         return [i is not None and (t == 0 or self.step_of[t - 1] != i) for t, i in enumerate(self.step_of)]
 
     def true_plan(self):
-        """The oracle's latents: each step's plan comment (its first phrasing) before its first line."""
-        return [plan_comment(STEP_BY_KIND[self.kinds[i]], self.params[i]) if start else None
-                for start, i in zip(self.step_starts(), self.step_of)]
+        """The oracle's latents: each step's plan comment before its first line (the step's first plan
+        phrasing; in an echo world, the docstring's words for it)."""
+        return [self.plan[i] if start else None for start, i in zip(self.step_starts(), self.step_of)]
 
 
 LENGTHS = (2, 2, 3, 3, 4, 5)  # steps per composition, drawn uniformly from this tuple (pretraining, mid-training)
 
 
-def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS):
-    """One minicode task: a composition from the training (or held-out) side of the split, a reference
-    solution in a random mix of styles, a docstring in varied words and n_tests unit tests made by
-    running the reference. comment_rate: share of steps that get a plan comment in the trace's latents."""
+def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS, world=WORLDS[DEFAULT_WORLD]):
+    """One minicode task: a composition from the training side of the split (held_out False), the held-out
+    side (True), or one part of it ("dev" or "test"), a reference solution in a random mix of styles, a
+    docstring in varied words and n_tests unit tests made by running the reference. comment_rate: share of
+    steps that get a plan comment in the trace's latents. world: what the text gives away (World)."""
+    want = {False: ("train",), True: ("dev", "test")}.get(held_out, (held_out,))
     while True:
         chain = _random_chain(rng, rng.choice(lengths))
         kinds = tuple(s.kind for s in chain)
-        if is_held_out(kinds) == held_out:
+        if side_of(kinds) in want:
             break
     params = [{name: rng.choice(choices) for name, choices in s.params} for s in chain]
     arg = rng.choice(ARG_NAMES[chain[0].src])
-    name = "_".join(dict.fromkeys(s.names[0] for s in chain[-3:]))
+    name = (rng.choice(NEUTRAL_FUNCTIONS) if world.anon
+            else "_".join(dict.fromkeys(s.names[0] for s in chain[-3:])))
     # body: each step's code, with fresh output names
-    body, plan, step_of, used, var = [], [], [], {arg}, arg
+    body, commented, own_words, step_of, used, var = [], [], [], [], {arg}, arg
     for i, (s, p) in enumerate(zip(chain, params)):
-        out = next((n for n in rng.sample(s.names, len(s.names)) if n not in used), None) or f"{s.names[0]}{len(used)}"
+        names = NEUTRAL_NAMES if world.anon else s.names
+        out = next((n for n in rng.sample(names, len(names)) if n not in used), None) or f"{s.names[0]}{len(used)}"
         used.add(out)
         style = rng.choice(sorted(s.styles))
         loop_var = next(v for v in ("v", "x", "item", "val", "num", "e") if v not in used and v != arg)
         code = s.styles[style].format(i=var, o=out, v=loop_var, **p).split("|")
-        plan.append(rng.choice(s.plan).format(**p) if rng.random() < comment_rate else None)
-        plan += [None] * (len(code) - 1)
+        commented.append(rng.random() < comment_rate)
+        own_words.append(rng.choice(s.plan).format(**p) if commented[-1] else None)
         step_of += [i] * len(code)
         body += code
         var = out
     body.append(f"return {var}")
-    plan.append(None)
     step_of.append(None)
     # docstring
     phrases = [rng.choice(s.doc).format(**p) for s, p in zip(chain, params)]
@@ -382,6 +416,13 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS)
     prompt = f"def {name}({arg}):\n" + _docstring(doc)
     actions = [f"    {line}\n" for line in body]
     solution = "".join(actions)
+    # comments: pretraining's (some steps) and the oracle's (every step), in the world's words
+    words = phrases if world.echo else own_words
+    plan = [f"# {w}" for w in phrases] if world.echo else [plan_comment(s, p) for s, p in zip(chain, params)]
+    plan_comments = [None] * len(actions)
+    for t, i in enumerate(step_of):
+        if i is not None and (t == 0 or step_of[t - 1] != i) and commented[i]:
+            plan_comments[t] = words[i]
     inputs = []
     while len(inputs) < n_tests:
         x = _random_input(rng, chain[0].src)
@@ -393,7 +434,7 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS)
     asserts = "".join(f"    assert candidate({x!r}) == {fn(_copy(x))!r}\n" for x in inputs)
     problem = Problem(task_id="", prompt=prompt, entry_point=name, test=f"\n\ndef check(candidate):\n{asserts}",
                       canonical_solution=solution, source="minicode")
-    return Task(kinds, problem, Trace("", prompt, actions), plan, step_of, params)
+    return Task(kinds, problem, Trace("", prompt, actions), plan_comments, step_of, params, plan)
 
 
 def _copy(x):
@@ -412,13 +453,15 @@ def _docstring(text, width=88):
     return "\n".join(lines) + '\n    """\n'
 
 
-def tasks(n, seed, held_out=False, comment_rate=0.0, prefix="minicode", lengths=LENGTHS):
-    """n tasks from a seeded stream; the same arguments give the same tasks."""
+def tasks(n, seed, held_out=False, comment_rate=0.0, prefix="minicode", lengths=LENGTHS, world=DEFAULT_WORLD):
+    """n tasks from a seeded stream; the same arguments give the same tasks. Worlds share the stream's
+    seed, so echo's tasks are plain's with other comments."""
     rng = random.Random(f"{prefix}-{seed}-{held_out}" + ("" if lengths == LENGTHS else f"-{lengths}"))
+    side = {False: "train", True: "heldout", "test": "heldout"}.get(held_out, held_out)
     out = []
     for i in range(n):
-        t = make_task(rng, held_out=held_out, comment_rate=comment_rate, lengths=lengths)
-        t.problem.task_id = t.trace.id = f"{prefix}/{'heldout' if held_out else 'train'}/{seed}/{i}"
+        t = make_task(rng, held_out=held_out, comment_rate=comment_rate, lengths=lengths, world=WORLDS[world])
+        t.problem.task_id = t.trace.id = f"{prefix}/{side}/{seed}/{i}"
         out.append(t)
     return out
 
@@ -427,32 +470,65 @@ def tasks(n, seed, held_out=False, comment_rate=0.0, prefix="minicode", lengths=
 # model sees compositions of 2-5 steps; it is near perfect on new compositions of that length (greedy pass@1
 # 0.998) but not on longer ones (40 held-out tasks each: 1.0 at 5 steps, 0.78 at 6, 0.33 at 7, 0.20 at 8).
 # So RL problems and the held-out benchmark are long compositions: that is where there is something to learn.
+# dev holds held-out compositions of their own, on which world settings, budgets and c are chosen; heldout's
+# test tasks never share a composition with them (by construction in the worlds after plain; in plain, whose
+# test set predates dev, none of the 500 happens to: checked by a test). dev-long: 8 steps, one more than any
+# mid-training trace, where the models' failures differ most.
 SPLITS = {
-    "minicode-train": dict(n=5000, seed=1, held_out=False, lengths=(4, 5, 6, 7)),  # RLVR problems
-    "minicode-valid": dict(n=500, seed=2, held_out=False),                         # in-distribution eval
-    "minicode-heldout": dict(n=500, seed=3, held_out=True, lengths=(5, 6, 7)),     # new, longer compositions
+    "train": dict(n=5000, seed=1, held_out=False, lengths=(4, 5, 6, 7)),  # RLVR problems
+    "valid": dict(n=500, seed=2, held_out=False),                         # in-distribution eval
+    "heldout": dict(n=500, seed=3, held_out="test", lengths=(5, 6, 7)),   # new, longer compositions: the test
+    "dev": dict(n=500, seed=4, held_out="dev", lengths=(5, 6, 7)),        # for choosing settings
+    "dev-long": dict(n=500, seed=5, held_out="dev", lengths=(8,)),        # longer than any mid-training trace
 }
+CORPORA = ("pretrain", "midtrain", "midtrain-oracle")
+
+
+def parse(spec):
+    """A minicode name -> (world, what): `minicode-heldout` is the default world's heldout split,
+    `minicode-plain-midtrain` the plain world's mid-training corpus. None for names that are not minicode's."""
+    if not spec.startswith("minicode-"):
+        return None
+    world, what = DEFAULT_WORLD, spec[len("minicode-"):]
+    for name in WORLDS:
+        if what.startswith(name + "-"):
+            world, what = name, what[len(name) + 1:]
+    return (world, what) if what in SPLITS or what in CORPORA else None
+
+
+def names(kind="split"):
+    """Every minicode name of a kind ('split' or 'corpus'), for error messages and help."""
+    return [f"minicode-{w + '-' if w != DEFAULT_WORLD else ''}{s}" for w in WORLDS
+            for s in (SPLITS if kind == "split" else CORPORA)]
+
+
+def split_tasks(world, split):
+    """A named split's tasks. The plain world's heldout keeps its first test set, dev compositions included."""
+    spec = dict(SPLITS[split])
+    if world == "plain" and split == "heldout":
+        spec["held_out"] = True
+    return tasks(**spec, world=world)
 
 
 MIDTRAIN_LENGTHS = (3, 4, 5, 6, 7)  # mid-training reaches past pretraining's 2-5 steps, toward the long tasks
 
 
-def pretrain_tasks(n, seed=0):
+def pretrain_tasks(n, seed=0, world=DEFAULT_WORLD):
     """The pretraining stream: about half the steps carry a plan comment (the trace's latents)."""
-    return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain")
+    return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world)
 
 
-def midtrain_tasks(n, seed=0):
+def midtrain_tasks(n, seed=0, world=DEFAULT_WORLD):
     """The mid-training stream as tasks (each knows its steps): seed 0 is the corpus, other seeds give
     more traces of the same distribution (the E-step's held-out set)."""
-    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=MIDTRAIN_LENGTHS)
+    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=MIDTRAIN_LENGTHS, world=world)
 
 
-def corpus(kind, n, seed=0):
+def corpus(kind, n, seed=0, world=DEFAULT_WORLD):
     """Text corpora of minicode. kind='pretrain': functions where ~half the steps carry a plan comment
     (as real code often does); kind='midtrain': expert traces of 3-7 steps without comments (RA3's to annotate)."""
-    if kind == "pretrain":
-        return [render(t.trace, t.plan_comments) for t in pretrain_tasks(n, seed)]  # load_traces keeps them apart
+    if kind == "pretrain":  # load_traces keeps the comments apart
+        return [render(t.trace, t.plan_comments) for t in pretrain_tasks(n, seed, world)]
     if kind == "midtrain":
-        return [t.trace for t in midtrain_tasks(n, seed)]
+        return [t.trace for t in midtrain_tasks(n, seed, world)]
     raise ValueError(f"corpus: kind is 'pretrain' or 'midtrain', not {kind!r}")

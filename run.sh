@@ -8,6 +8,7 @@
 #                    then mstep.py on the latent-infused traces (same token budget as NTP in total)  -> .../ra3
 #   eval    eval_code.py on each model (held-out benchmark: pass@k, think rate)    -> .../eval-*
 #   CE      mstep.py --steps 0: each model's cross-entropy on held-out expert code  -> .../ce-*
+#   ELBO    estep.py --steps 0: each model's ELBO with its own comments (minicode) -> .../elbo-*
 #   RLVR    rlvr.py from NTP, oracle and RA3 with the same settings (held-out curve) -> .../rl-*
 #   report  report.py: OUT/results.md (per seed, and mean +- sd over seeds), OUT/curves.png with matplotlib
 #
@@ -16,17 +17,17 @@
 # (other flags, other code, an input that changed) unless --fresh says to redo it.
 #
 #   bash run.sh                       # embedded default: minicode-base on minicode, ~15 min on a 2-core CPU
-#   bash run.sh --seeds 3 --eval-n 10 --eval-limit 200     # the experiment of LOG.md
+#   bash run.sh --seeds 3 --eval-n 10 --eval-limit 200 --rl-steps 30   # the experiment of LOG.md
 #   bash run.sh --long                # a longer, stronger run
 #   bash run.sh --gpus 8 --model Qwen/Qwen2.5-1.5B --data hf:/data/code.jsonl --bench humaneval \
 #       --problems mbpp-train --long  # torchrun all the way down
 # Flags: --model SPEC --data CORPUS --bench NAME --problems NAME --gpus N --k K --penalty C --mask-latents --seed S
-#        --seeds N --eval-n N (samples per task; 1 = greedy) --eval-limit N --out DIR --fresh --long --tiny
+#        --seeds N --eval-n N (samples per task; 1 = greedy) --eval-limit N --rl-steps N --out DIR --fresh --long --tiny
 set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=minicode-base DATA=minicode-midtrain BENCH=minicode-heldout PROBLEMS=minicode-train
-GPUS=0 K=2 PENALTY=0.05 SEED=0 SEEDS=1 EVAL_N=1 EVAL_LIMIT= OUT= SIZE=default MASK= FRESH=
+GPUS=0 K=2 PENALTY=0.05 SEED=0 SEEDS=1 EVAL_N=1 EVAL_LIMIT= OUT= SIZE=default MASK= FRESH= RL_STEPS=
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -41,11 +42,12 @@ while [ $# -gt 0 ]; do
     --seeds) SEEDS=$2; shift 2 ;;
     --eval-n) EVAL_N=$2; shift 2 ;;
     --eval-limit) EVAL_LIMIT=$2; shift 2 ;;
+    --rl-steps) RL_STEPS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --fresh) FRESH=1; shift ;;    # redo stages that finished with other settings or code
     --long) SIZE=long; shift ;;
     --tiny) SIZE=tiny; shift ;;   # a smoke test of the wiring (CI), not an experiment
-    -h|--help) sed -n 2,25p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
     *) echo "run.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -62,7 +64,9 @@ case $SIZE in
 esac
 OUT=${OUT:-runs/$([ "$SIZE" = default ] && echo pipeline || echo "$SIZE")}  # --tiny never lands in a real run's folder
 EVAL_LIMIT=${EVAL_LIMIT:-$EVAL}
-for pair in "k:$K:1" "seeds:$SEEDS:1" "eval-n:$EVAL_N:1" "eval-limit:$EVAL_LIMIT:1" "gpus:$GPUS:0" "seed:$SEED:0"; do
+if [ -n "$RL_STEPS" ]; then RLSTEPS=$RL_STEPS RLEVERY=$(( RL_STEPS / 6 > 1 ? RL_STEPS / 6 : 1 )); fi
+for pair in "k:$K:1" "seeds:$SEEDS:1" "eval-n:$EVAL_N:1" "eval-limit:$EVAL_LIMIT:1" "gpus:$GPUS:0" "seed:$SEED:0" \
+            "rl-steps:$RLSTEPS:1"; do
   IFS=: read -r flag value least <<< "$pair"
   [[ "$value" =~ ^[0-9]+$ ]] && [ "$value" -ge "$least" ] || { echo "run.sh: --$flag must be an integer >= $least, not '$value'" >&2; exit 2; }
 done
@@ -77,6 +81,7 @@ if [ "$GPUS" -gt 0 ]; then launch() { torchrun --nproc_per_node="$GPUS" --master
 else launch() { python "$@"; }
 fi
 stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+ORACLE=; [[ "$DATA" =~ ^minicode-(.*-)?midtrain$ ]] && ORACLE=1  # minicode knows every trace's true plan
 CODE=$(cat model.py data.py minicode.py estep.py mstep.py rlvr.py eval_code.py | sha1sum | cut -c1-12)
 
 stage_key() {  # what a stage's result depends on: the code, its command, and the stages whose outputs it reads
@@ -118,10 +123,10 @@ pipeline() {  # one seed: pipeline SEED DIR
   stage "seed $seed: NTP baseline, $MSTEPS M-step steps on raw traces"
   run_in "$dir/ntp" launch mstep.py --model "$MODEL" --data "$DATA" --steps "$MSTEPS" $mstep_args --out "$dir/ntp"
 
-  if [ "$DATA" = minicode-midtrain ]; then  # the world knows the true plan: what any latents could buy
+  if [ -n "$ORACLE" ]; then  # the world knows the true plan: what any latents could buy
     models="base ntp oracle ra3"
     stage "seed $seed: oracle, $MSTEPS M-step steps on the traces with their true plan comments"
-    run_in "$dir/oracle" launch mstep.py --model "$MODEL" --data minicode-midtrain-oracle --steps "$MSTEPS" \
+    run_in "$dir/oracle" launch mstep.py --model "$MODEL" --data "$DATA-oracle" --steps "$MSTEPS" \
       $mstep_args $MASK --out "$dir/oracle"
   fi
 
@@ -147,6 +152,11 @@ pipeline() {  # one seed: pipeline SEED DIR
       run_in "$dir/ce-$name" launch mstep.py --model "$m" --data "$BENCH" --n-tasks "$EVAL_LIMIT" --steps 0 \
         --eval-share 1 --mask-prompt --out "$dir/ce-$name" ;;
     esac
+    if [ -n "$ORACLE" ]; then  # CE alone penalises a model that comments: its ELBO with its own comments
+      stage "seed $seed: ELBO of $name on held-out mid-training traces, its own comments"
+      run_in "$dir/elbo-$name" python estep.py --model "$m" --data "$DATA" --steps 0 --penalty 0 --n-tasks "$EHELD" \
+        --eval-traces "$EHELD" --annotate-limit 1 --seed "$seed" --out "$dir/elbo-$name"
+    fi
   done
 
   for name in ${models#base }; do

@@ -2,6 +2,8 @@
 import ast
 import re
 
+import pytest
+
 import data as D
 import minicode
 
@@ -78,3 +80,55 @@ def test_names_of_reads_comments_as_written():
     assert minicode.names_of("#   Keep values ABOVE 3 ") == {("keep_greater", (("k", 3),))}
     assert minicode.names_of("# keep the even numbers") == {("keep_even", ())}
     assert minicode.names_of("# walk the list") == set()
+
+
+PLAIN_FINGERPRINT = "f00a516fd0e4cf93"  # computed with the generator of commit f58f853, before worlds existed
+
+
+def test_the_plain_world_is_the_first_world_task_for_task():
+    """plain keeps the tasks every earlier figure was measured on (a fingerprint of the old generator's
+    output): a change to the generator that moves plain's stream fails here."""
+    import hashlib
+    texts = [D.render(t.trace, t.plan_comments) + t.problem.test for t in minicode.pretrain_tasks(40, world="plain")]
+    texts += [t.problem.prompt + t.problem.test for t in minicode.split_tasks("plain", "heldout")[:40]]
+    assert hashlib.sha256("".join(texts).encode()).hexdigest()[:16] == PLAIN_FINGERPRINT
+
+
+def test_worlds_differ_only_in_what_their_text_gives_away():
+    plain, echo, anon = (minicode.pretrain_tasks(300, world=w) for w in ("plain", "echo", "anon"))
+    for p, e in zip(plain, echo):  # echo: the same tasks and code; comments in the docstring's words
+        assert (p.kinds, p.params, p.trace.actions, p.problem.test) == (e.kinds, e.params, e.trace.actions, e.problem.test)
+        for z in e.true_plan() + e.plan_comments:
+            if z is not None:
+                assert " ".join(z.lstrip("# ").split()).lower() in " ".join(e.problem.prompt.split()).lower()
+    step_names = {n for s in minicode.STEPS for n in s.names} - {"acc", "rest"}  # also helpers inside templates
+    for t in anon:  # anon: neither the function nor a variable names a step
+        assert t.problem.entry_point in minicode.NEUTRAL_FUNCTIONS
+        assigned = {line.split("=")[0].strip() for line in t.trace.actions if re.match(r"\s+\w+ = ", line)}
+        assert not assigned & step_names
+        for z, start, i in zip(t.true_plan(), t.step_starts(), t.step_of):
+            assert (z is not None) == start
+            if start:
+                assert (t.kinds[i], tuple(sorted(t.params[i].items()))) in minicode.names_of(z)
+
+
+def test_dev_compositions_are_never_test_compositions_in_any_world():
+    for world in minicode.WORLDS:
+        test = {t.kinds for t in minicode.split_tasks(world, "heldout")}
+        for split in ("dev", "dev-long"):
+            dev = minicode.split_tasks(world, split)
+            assert not {t.kinds for t in dev} & test and all(minicode.is_held_out(t.kinds) for t in dev)
+    assert {len(t.kinds) for t in minicode.split_tasks("plain", "dev-long")} == {8}
+
+
+def test_minicode_names_parse_into_world_and_split():
+    assert minicode.parse("minicode-heldout") == (minicode.DEFAULT_WORLD, "heldout")
+    assert minicode.parse("minicode-echo+anon-midtrain-oracle") == ("echo+anon", "midtrain-oracle")
+    assert minicode.parse("minicode-anon-dev-long") == ("anon", "dev-long")
+    assert minicode.parse("minicode-nope") is None and minicode.parse("mbpp") is None
+    echo = D.load_problems("minicode-echo-dev")
+    assert len(echo) == 500 and echo[0].prompt == minicode.split_tasks("echo", "dev")[0].problem.prompt
+    traces, latents = D.load_traces("minicode-anon-midtrain-oracle", n_tasks=5)
+    assert len(traces) == 5 and all(any(z is not None for z in zs) for zs in latents)
+    with pytest.raises(D.DataError, match="minicode-echo-heldout"):
+        D.load_problems("minicode-echo-test")

@@ -25,6 +25,7 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     seed = out / "seed0"
     for stage in ("ntp/model", "oracle/model", "ra3/e1/traces.jsonl", "ra3/e2/traces.jsonl", "ra3/m2/model",
                   "eval-base/summary.json", "eval-oracle/summary.json", "eval-ra3/summary.json", "ce-ra3/summary.json",
+                  "elbo-base/summary.json", "elbo-ra3/summary.json",
                   "rl-ntp/model", "rl-oracle/model", "rl-ra3/metrics.jsonl"):
         assert (seed / stage).exists(), stage
     # the second EM iteration starts from the first one's M-step
@@ -42,7 +43,7 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     (seed / "eval-ra3/summary.json").unlink()
     p = run()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count("done already") == 16 and (seed / "eval-ra3/summary.json").exists()
+    assert p.stdout.count("done already") == 20 and (seed / "eval-ra3/summary.json").exists()
     # a rerun with other settings does not present the old results as its own: it stops at the first stage
     # that would differ, and names it
     p = run("--penalty", "0.2")

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# worlds.sh: in which minicode world does latent intent pay? The oracle (an M-step on the traces with their
+# true plan comments) bounds what any latents can buy; RA3 is worth comparing only where it beats NTP.
+# For each world, side by side:
+#   base    mstep.py --init scratch on the world's pretraining corpus (README's base-model command)
+#   ntp     mstep.py from that base on the raw mid-training traces          } run.sh's default budget,
+#   oracle  mstep.py from that base on the same traces with the true plan   } --seeds of each
+#   eval    greedy pass@1 on the world's dev split: held-out compositions that the test tasks
+#           (minicode-heldout) never use, so the world is chosen without looking at the test tasks
+# and prints oracle - NTP per world. Meant for a GPU (the base model is 106 s on an H200, ~3.5 h on 2 CPU
+# cores); --base-steps trades quality for time.
+#
+#   bash worlds.sh                                   # echo, anon and echo+anon, 3 seeds, into runs/worlds
+#   bash worlds.sh --worlds "plain echo" --seeds 1 --base-steps 100 --out runs/worlds-quick
+#   bash worlds.sh --worlds anon --hidden 256 --layers 8 --out runs/worlds-256    # a 6.6M-parameter base
+set -euo pipefail
+cd "$(dirname "$0")"
+
+WORLDS="echo anon echo+anon" SEEDS=3 BASE_STEPS=800 DEV=200 OUT=runs/worlds HIDDEN=128 LAYERS=4
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --worlds) WORLDS=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --base-steps) BASE_STEPS=$2; shift 2 ;;
+    --hidden) HIDDEN=$2; shift 2 ;;   # base model size: hidden width (heads of 32) and layers
+    --layers) LAYERS=$2; shift 2 ;;
+    --dev) DEV=$2; shift 2 ;;     # dev tasks to evaluate on
+    --out) OUT=$2; shift 2 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    *) echo "worlds.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+one_world() {  # one_world WORLD: base, then NTP and oracle per seed, then their dev evals
+  local w=$1 dir=$OUT/$1 seed name
+  mkdir -p "$dir"
+  [ -f "$dir/base/summary.json" ] || python mstep.py --init scratch --data "minicode-$w-pretrain" --n-tasks 100000 \
+    --hidden "$HIDDEN" --layers "$LAYERS" --heads $(( HIDDEN / 32 )) --kv-heads 2 --vocab-size 1024 --seq-len 512 --batch-tokens 65536 \
+    --micro-rows 128 --steps "$BASE_STEPS" --lr 3e-3 --warmup 40 --eval-every 100 --save-every 400 \
+    --out "$dir/base" > "$dir/base.log" 2>&1
+  for seed in $(seq 0 $(( SEEDS - 1 ))); do
+    for name in ntp oracle; do
+      local data="minicode-$w-midtrain"; [ $name = oracle ] && data="$data-oracle"
+      { [ -f "$dir/$name$seed/summary.json" ] || python mstep.py --model "$dir/base/model" --data "$data" \
+          --n-tasks 1000 --steps 40 --batch-tokens 8192 --seed "$seed" --eval-share 0.02 --eval-every 40 \
+          --out "$dir/$name$seed"
+        for split in dev dev-long; do
+          [ -f "$dir/$split-$name$seed/summary.json" ] || python eval_code.py --model "$dir/$name$seed/model" \
+            --bench "minicode-$w-$split" --limit "$DEV" --n 1 --temperature 0 --max-new-tokens 320 --seed "$seed" \
+            --out "$dir/$split-$name$seed"
+        done; } > "$dir/$name$seed.log" 2>&1 &
+    done
+  done
+  wait
+}
+
+for w in $WORLDS; do one_world "$w" & done
+wait
+
+python - "$OUT" $WORLDS <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+out, worlds = Path(sys.argv[1]), sys.argv[2:]
+print("| world | dev split | NTP | oracle | oracle - NTP |\n| --- | --- | --- | --- | --- |")
+for w, split in [(w, s) for w in worlds for s in ("dev", "dev-long")]:
+    scores = {m: [json.loads(p.read_text())["pass@1"] for p in sorted((out / w).glob(f"{split}-{m}*/summary.json"))]
+              for m in ("ntp", "oracle")}
+    def fmt(xs):
+        return "-" if not xs else f"{statistics.mean(xs):.3f}" + (f" +- {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+    n = min(len(scores["ntp"]), len(scores["oracle"]))
+    gap = [o - t for o, t in zip(scores["oracle"][:n], scores["ntp"][:n])]
+    print(f"| {w} | {split} | {fmt(scores['ntp'])} | {fmt(scores['oracle'])} | {fmt(gap)} |")
+EOF
