@@ -148,7 +148,7 @@ def torchrun(args, ranks, cwd=ROOT):
 
 def test_one_rank_equals_two_ranks(tmp_path):
     """One update (2 epochs, KL to a reference) on 1 rank, 2 DDP ranks and 2 FSDP ranks (policy and
-    reference sharded): the same weights, to mstep's tolerance."""
+    reference sharded): the same weights (2e-6, tighter than mstep's 1e-5; they differ by ~1e-8)."""
     results = {}
     for name, ranks, flags in (("one", 1, []), ("ddp", 2, []), ("fsdp", 2, ["--fsdp"])):
         out, script = tmp_path / f"{name}.pt", tmp_path / f"{name}.py"
@@ -159,7 +159,7 @@ def test_one_rank_equals_two_ranks(tmp_path):
     assert (results["one"] - torch.cat([p.detach().flatten() for p in start.parameters()])).abs().max() > 1e-4
     for name in ("ddp", "fsdp"):
         diff = (results["one"] - results[name]).abs().max()
-        assert torch.allclose(results["one"], results[name], atol=1e-5), (name, diff)
+        assert torch.allclose(results["one"], results[name], atol=2e-6), (name, diff)
 
 
 def test_fsdp_run_and_resume_equal_ddp(tmp_path):
