@@ -29,6 +29,10 @@ policy gradient uses is recomputed on the same tokens in `policy_loss`, and the 
     python estep.py                                  # minicode-base on minicode mid-training traces
     python estep.py --q runs/estep/q --steps 0 --annotate gain   # annotate again with a trained q
     torchrun --nproc_per_node=8 estep.py --model runs/ntp/model --data stdlib --batch-traces 64 --group 8
+
+Under torchrun each rank rolls out and scores its share of the batch; q is DDP, or with --fsdp sharded by
+FSDP2 for the update (model.wrap_for_ranks), and rollouts read a whole copy of q (model.sampling_copy),
+refilled after each update. pi is frozen and whole on every rank.
 """
 import argparse
 
@@ -71,6 +75,7 @@ parser.add_argument("--save-every", type=int, default=25, help="checkpoint q and
 parser.add_argument("--resume", action="store_true",
                     help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
+parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":
     args = parser.parse_args()
@@ -515,6 +520,27 @@ def policy_loss(net, pi_events, rollouts, advantages, args, device, denominator)
 # 5. The loop: rollouts, rewards, advantages, update; then annotate
 # =====================================================================================================
 
+def update(net, pi_events, optimizer, rolls, adv, args, world, device):
+    """--epochs passes of policy_loss over this rank's rollouts, --micro-rows at a time, each event weighted
+    1 / (events of the global batch, all ranks), gradients summed over micro-batches and ranks. Every rank
+    runs the same number of micro-batches (the same rollouts per rank). Returns (global events, stats)."""
+    n_events = M.all_reduce_sum(float(sum(len(x.events) for x in rolls)))
+    extra = {}
+    for _ in range(args.epochs):
+        micro = list(range(0, len(rolls), args.micro_rows))
+        for k, m in enumerate(micro):
+            sync = k == len(micro) - 1 or not hasattr(net, "no_sync")
+            with (net.no_sync() if not sync else contextlib.nullcontext()), M.autocast(device):
+                loss, extra = policy_loss(net, pi_events, rolls[m:m + args.micro_rows], adv[m:m + args.micro_rows],
+                                          args, device, max(n_events, 1.0))
+                if loss is not None:
+                    (loss * world).backward()  # DDP/FSDP average gradients over ranks; the loss wants their sum
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return n_events, extra
+
+
 def group_advantages(rollouts, r, group, args):
     """Per rollout, the advantage of each of its steps; and how many (trace, step) groups had no spread."""
     adv, flat = [], 0
@@ -690,6 +716,8 @@ def make_plans(units, sets, traces, max_lines):
     plans, skipped = [], 0
     for t in traces:
         try:
+            if not t.actions:  # no decision, no event: a micro-batch of these would skip the collective forward
+                raise D.DataError(f"{t.id}: no line actions")
             if len(t.actions) > max_lines:
                 raise D.DataError(f"{t.id}: more than {max_lines} lines")
             plans.append(plan_trace(units, sets, t))
@@ -715,7 +743,8 @@ def main(args):
     pi.requires_grad_(False)
     q = M.load_model(args.q, device=device)[0] if args.q else copy.deepcopy(pi)
     q = q.float().requires_grad_(True).train()  # fp32 master weights; autocast to bf16 on GPU
-    sampler = M.sampling_copy(q)  # on GPU, rollouts read a bf16 copy of q
+    # on GPU rollouts read a bf16 copy of q; under FSDP a whole copy (q's weights become shards)
+    sampler = M.sampling_copy(q, sharded=M.shards(dist, args.fsdp))
     units = Units(tok)
     sets = ThinkSets(tok, q.get_output_embeddings().weight.shape[0], device, units.newline_first)
     traces, _ = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
@@ -732,11 +761,8 @@ def main(args):
     if args.batch_traces % dist.world:
         raise ValueError(f"--batch-traces {args.batch_traces} must divide among {dist.world} ranks")
     per_rank = args.batch_traces // dist.world
-    net = EventLogProbs(q, sets, args.temperature)
+    net = M.wrap_for_ranks(EventLogProbs(q, sets, args.temperature), dist, args.fsdp)
     pi_events = EventLogProbs(pi, sets, args.temperature)
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(q.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
     start = 0
@@ -783,20 +809,7 @@ def main(args):
         r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
         adv, flat = group_advantages(rolls, r, args.group, args)
         t2 = time.perf_counter()
-        n_events = M.all_reduce_sum(float(sum(len(x.events) for x in rolls)))
-        extra = {}
-        for _ in range(args.epochs):
-            micro = list(range(0, len(rolls), args.micro_rows))
-            for k, m in enumerate(micro):
-                sync = k == len(micro) - 1 or not hasattr(net, "no_sync")
-                with (net.no_sync() if not sync else contextlib.nullcontext()), M.autocast(device):
-                    loss, extra = policy_loss(net, pi_events, rolls[m:m + args.micro_rows], adv[m:m + args.micro_rows],
-                                              args, device, max(n_events, 1.0))
-                    if loss is not None:
-                        (loss * dist.world).backward()
-            torch.nn.utils.clip_grad_norm_(q.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        n_events, extra = update(net, pi_events, optimizer, rolls, adv, args, dist.world, device)
         M.sync_sampling_copy(sampler, q)
         t3 = time.perf_counter()
         n_groups = sum(len(p.actions) for p in batch)
@@ -833,9 +846,9 @@ def main(args):
                    annotated=lim, **ann, annotate_s=round(annotate_s, 2), traces=str(out_dir / "traces.jsonl"),
                    q=str(out_dir / "q"))
     M.save_training(out_dir / "checkpoint", net, q, tok, optimizer, "estep", args.steps, args, summary)
+    M.save_training(out_dir / "q", net, q, tok, optimizer, "estep", args.steps, args, summary, with_trainer=False)
     if M.is_main():
         _merge_parts(out_dir, dist.world)
-        M.save_checkpoint(q, tok, out_dir / "q", stage="estep", args=vars(args), metrics=summary)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     M.print0(json.dumps(summary))
     return summary

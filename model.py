@@ -862,11 +862,16 @@ def compile_scorer(model):
     """torch.compile what packed_logprobs runs, for a training loop of fixed shapes: each decoder layer in
     place (one graph that all layers share; state-dict keys stay as they are, no `_orig_mod.`) and the
     log-softmax head; on GPU attention becomes FlexAttention. The first passes compile (a minute or so)."""
-    layers = model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h
-    for layer in layers:
+    for layer in decoder_layers(model):
         layer.compile()
     model._ra3_head = torch.compile(token_logprobs)
     return model
+
+
+def decoder_layers(model):
+    """The model's stack of decoder layers (Llama and Qwen2 call it `layers`, GPT-2 `h`)."""
+    base = model.base_model
+    return base.layers if hasattr(base, "layers") else base.h
 
 
 def _use_flex(model, doc_ids):
@@ -1076,7 +1081,8 @@ def barrier():
 
 
 # =====================================================================================================
-# 6. Training state shared by the trainers (mstep.py, rlvr.py): the policy as DDP sees it, checkpoints
+# 6. Training state shared by the trainers (estep.py, mstep.py, rlvr.py): the policy as DDP or FSDP sees
+#    it, the sampling copy, checkpoints
 # =====================================================================================================
 
 class PackedLogProbs(torch.nn.Module):
@@ -1090,39 +1096,89 @@ class PackedLogProbs(torch.nn.Module):
         return packed_logprobs(self.model, input_ids, position_ids, doc_ids, temperature=self.temperature)
 
 
-def sampling_copy(model):
+def shards(dist_info, fsdp):
+    """Does wrap_for_ranks shard the model? With --fsdp on more than one rank (one rank has nothing to shard)."""
+    return fsdp and dist_info.world > 1
+
+
+def wrap_for_ranks(net, dist_info, fsdp):
+    """A trainer's module `net` (its causal LM as net.model, e.g. PackedLogProbs) made ready for its ranks:
+    as is on one rank; with --fsdp, sharded by FSDP2 (each decoder layer is a unit, gathered only for its
+    own forward and backward, then `net` itself for the embeddings, norm and head), so weights, gradients
+    and optimizer state take 1 / world of the memory each; else DDP. A frozen module (a KL reference) is
+    left alone by DDP, which has no gradients to sync, and sharded by FSDP, which saves its memory.
+    Build the optimizer right after this, before any forward: FSDP replaces the parameters with sharded ones,
+    and between a forward and its backward (or after a no-grad forward) `net`'s own are whole copies."""
+    if dist_info.world == 1:
+        return net
+    if shards(dist_info, fsdp):
+        from torch.distributed.fsdp import fully_shard
+        for layer in decoder_layers(net.model):
+            fully_shard(layer)
+        return fully_shard(net)
+    if not any(p.requires_grad for p in net.parameters()):
+        return net
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(net, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
+
+
+def sampling_copy(model, sharded=False):
     """The weights a trainer samples from. On GPU, fp32 master weights get a bf16 copy: half the KV cache
     and twice the decode speed of sampling in fp32 (sync_sampling_copy after each optimizer step). Off GPU,
-    or already in 16 bits, the model itself. Only parameters are cast: buffers such as rotary frequencies
-    keep their precision."""
+    or already in 16 bits, the model itself, unless `sharded`. Only parameters are cast: buffers such as
+    rotary frequencies keep their precision.
+
+    sharded: the trainer is about to shard `model` with FSDP (call this before wrap_for_ranks). The sampler
+    (Decoder) calls the model's layers itself, with its own KV cache, outside FSDP's forward, so it needs
+    whole weights: a separate copy on every rank, refilled from the shards after each step. Why a copy and
+    not FSDP's unshard()/reshard() around the rollouts: unshard() is per FSDP unit and each layer's own hook
+    reshards it after every forward, i.e. after every decoded token, and unsharded weights move in memory,
+    which would invalidate the decode step's CUDA graphs. The price: the copy stays resident, 2 bytes a
+    parameter in bf16 on GPU (16 GB for an 8B model on every rank), where unsharding for the rollouts only
+    would have held 4 bytes a parameter (fp32), but only while sampling."""
     p = next(model.parameters())
-    if p.device.type != "cuda" or p.dtype != torch.float32:
+    cast = p.device.type == "cuda" and p.dtype == torch.float32
+    if not cast and not sharded:
         return model
     sampler = copy.deepcopy(model).eval().requires_grad_(False)
-    for q in sampler.parameters():
-        q.data = q.data.to(torch.bfloat16)
+    if cast:
+        for q in sampler.parameters():
+            q.data = q.data.to(torch.bfloat16)
     return sampler
 
 
 @torch.no_grad()
 def sync_sampling_copy(sampler, model):
-    if sampler is not model:
-        for a, b in zip(sampler.parameters(), model.parameters()):
-            a.copy_(b)
+    """Copy the trainer's weights into its sampling copy; FSDP shards are gathered, one parameter at a time
+    (a collective: every rank calls this at the same point)."""
+    if sampler is model:
+        return
+    from torch.distributed.tensor import DTensor
+    for a, b in zip(sampler.parameters(), model.parameters()):
+        a.copy_(b.full_tensor() if isinstance(b, DTensor) else b)
 
 
-def _full_state(net, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_model_state(net):
+    """The whole state dict of `model` inside the trainer's module `net` (net.model, maybe under DDP or FSDP),
+    gathered from every rank onto rank 0's CPU (other ranks get {}). Every rank must call it."""
+    from torch.distributed.checkpoint import state_dict as dcp
+    state = dcp.get_model_state_dict(net, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def _full_optimizer_state(net, optimizer):
+    from torch.distributed.checkpoint import state_dict as dcp
+    return dcp.get_optimizer_state_dict(net, optimizer,
+                                        options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_training(path, net, model, tok, optimizer, stage, step, args, metrics, with_trainer=True):
     """Checkpoint a trainer whose module `net` wraps `model` as net.model (PackedLogProbs, maybe under DDP or
     FSDP). Every rank takes part in gathering the full state (FSDP shards hold pieces); rank 0 writes it.
     with_trainer adds trainer.pt (step, optimizer, RNG) so that --resume continues exactly."""
-    model_sd, optim_sd = _full_state(net, optimizer)
+    model_sd = full_model_state(net)
+    optim_sd = _full_optimizer_state(net, optimizer) if with_trainer else None
     if is_main():
-        model_sd = {k.removeprefix("model."): v for k, v in model_sd.items()}
         extra = {"trainer.pt": dict(step=step, optimizer=optim_sd, rng=torch.get_rng_state())} if with_trainer else None
         save_checkpoint(model, tok, path, stage=stage, args=vars(args), metrics=metrics, extra=extra,
                         state_dict=model_sd)

@@ -165,19 +165,6 @@ def init_model(args, traces, latents, device):
     return model.to(device).train(), tok
 
 
-def wrap(model, dist_info, fsdp):
-    net = M.PackedLogProbs(model)
-    if dist_info.world == 1:
-        return net
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.base_model.layers if hasattr(model.base_model, "layers") else model.base_model.h:
-            fully_shard(layer)
-        return fully_shard(net)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(net, device_ids=[dist_info.local_rank] if dist_info.device.type == "cuda" else None)
-
-
 def make_optimizer(model, args, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -248,7 +235,7 @@ def score_only(model, eval_rows, dist_info, args, device):
     --eval-share 1; code only with --mask-prompt), written to OUT/summary.json. Nothing is trained."""
     if eval_rows is None:
         raise D.DataError(f"{args.data}: no held-out traces to score (raise --eval-share)")
-    net = wrap(model.eval(), dist_info, args.fsdp)
+    net = M.wrap_for_ranks(M.PackedLogProbs(model.eval()), dist_info, args.fsdp)
     summary = dict(stage="mstep", steps=0, data=args.data, eval_loss=evaluate(net, eval_rows, dist_info, args, device),
                    eval_tokens=int(targets(eval_rows).sum()), model=args.model)
     if M.is_main():
@@ -284,7 +271,7 @@ def main(args):
                          f"which {dist_info.world} ranks cannot share evenly")
     if args.compile if args.compile is not None else device.type == "cuda":
         M.compile_scorer(model)  # before DDP/FSDP wrap it; in place, so checkpoints keep their keys
-    net = wrap(model, dist_info, args.fsdp)
+    net = M.wrap_for_ranks(M.PackedLogProbs(model), dist_info, args.fsdp)
     optimizer = make_optimizer(net, args, device)
     start, tokens_seen, seconds = 0, 0, 0.0
     if args.resume and (out / "checkpoint").exists():

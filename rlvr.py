@@ -19,6 +19,10 @@ worst case of a step is bounded well under the distributed timeout (`check_rewar
 
     python rlvr.py                                              # minicode-base on minicode-train
     torchrun --nproc_per_node=8 rlvr.py --model runs/ra3/model --problems mbpp-train --eval-bench mbpp+
+
+Under torchrun the policy is DDP, or with --fsdp sharded by FSDP2 for the update (model.wrap_for_ranks); either
+way every rank samples its prompts from a whole copy of the weights (model.sampling_copy), refilled after
+each update.
 """
 import argparse
 
@@ -54,6 +58,7 @@ parser.add_argument("--save-every", type=int, default=25, help="checkpoint every
 parser.add_argument("--resume", action="store_true",
                     help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
+parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 if __name__ == "__main__":
     args = parser.parse_args()
@@ -203,6 +208,8 @@ def score_old(net, ref_net, batches, device):
             b.old = net(b.ids, b.pos, b.doc).float()
             if ref_net is not None:
                 b.ref = ref_net(b.ids, b.pos, b.doc).float()
+    if hasattr(ref_net, "reshard"):  # FSDP keeps a root's own weights whole after a forward, for the backward
+        ref_net.reshard()            # that follows; the reference has none, so give its memory back
 
 
 def policy_loss(new, b, clip_low, clip_high, kl, denominator):
@@ -355,13 +362,13 @@ def main(args):
         raise ValueError(f"--batch-prompts {args.batch_prompts} must divide among {dist.world} ranks")
     problems, evals = load_problem_sets(args)
     policy, tok = M.load_model(args.model, device=device, dtype=torch.float32)  # fp32 master weights
-    sampler = M.sampling_copy(policy)  # on GPU, a bf16 copy to sample from
-    ref = copy.deepcopy(policy).requires_grad_(False).eval() if args.kl > 0 else None
-    net = M.PackedLogProbs(policy, args.temperature)
-    ref_net = M.PackedLogProbs(ref, args.temperature) if ref is not None else None
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    ref_net = None
+    if args.kl > 0:  # sharded (--fsdp) before the sampling copy is made: three whole models need not fit at once
+        ref = copy.deepcopy(policy).requires_grad_(False).eval()
+        ref_net = M.wrap_for_ranks(M.PackedLogProbs(ref, args.temperature), dist, args.fsdp)
+    # on GPU a bf16 copy to sample from; under FSDP a whole copy (the policy's weights become shards)
+    sampler = M.sampling_copy(policy, sharded=M.shards(dist, args.fsdp))
+    net = M.wrap_for_ranks(M.PackedLogProbs(policy, args.temperature), dist, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
     per_rank = args.batch_prompts // dist.world

@@ -327,20 +327,96 @@ def test_a_large_penalty_drives_thinking_to_zero(toy, tmp_path):
     assert curve[0]["think_rate"] > 0.03 and curve[-1]["think_rate"] < 0.01
 
 
-def test_two_ranks_shard_the_traces(toy, tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+def torchrun(args, ranks=2, script=ROOT / "estep.py"):
+    """Run a script under torchrun (gloo, CPU); fail with its output if any rank fails."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          str(ROOT / "estep.py"), "--model", str(toy / "base" / "model"), "--data",
-                          str(toy / "expert.jsonl"), "--steps", "3", "--batch-traces", "8", "--group", "4",
-                          "--annotate-limit", "10", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                          f"--master_port={port}", str(script),
+                          *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def test_two_ranks_shard_the_traces(toy, tmp_path):
+    torchrun(["--model", toy / "base" / "model", "--data", toy / "expert.jsonl", "--steps", "3", "--batch-traces", "8",
+              "--group", "4", "--annotate-limit", "10", "--out", tmp_path])
     rows = [json.loads(x) for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(f"e{i}" for i in range(10))
     assert len(updates(tmp_path)) == 3
+
+
+RANKS_SCRIPT = """
+import copy, sys, torch
+sys.path[:0] = [{root!r}]
+import data as D, estep as E, model as M
+
+def run(info):  # in a function, so that the DDP/FSDP wrappers are gone before close_dist, as in the scripts
+    args = E.parser.parse_args(["--epochs", "2", "--kl", "0.1", "--micro-rows", "4"] + {flags!r})
+    pi, tok = M.load_model({model!r}, device="cpu")
+    q = copy.deepcopy(pi).requires_grad_(True).train()
+    units = E.Units(tok)
+    sets = E.ThinkSets(tok, q.get_output_embeddings().weight.shape[0], info.device, units.newline_first)
+    plans, _ = E.make_plans(units, sets, D.load_traces({data!r})[0][:8], args.max_lines)
+    # every rank samples and scores the whole batch alike (CPU), then trains on its share of the traces
+    rolls = E.rollout(q, units, sets, plans, 4, args.max_latent, 1.0, seed=3)
+    adv, _ = E.group_advantages(rolls, E.rewards(pi, sets, rolls, args.penalty, 64), 4, args)
+    n = len(rolls) // info.world
+    mine = slice(info.rank * n, (info.rank + 1) * n)
+    net = M.wrap_for_ranks(E.EventLogProbs(q, sets, 1.0), info, args.fsdp)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    E.update(net, E.EventLogProbs(pi, sets, 1.0), optimizer, rolls[mine], adv[mine], args, info.world, info.device)
+    weights = M.full_model_state(net)  # FSDP: gathered from the shards
+    if M.is_main():
+        torch.save(torch.cat([w.flatten() for w in weights.values()]), {out!r})
+
+run(M.init_dist())
+M.close_dist()
+"""
+
+
+def test_one_update_one_rank_equals_two_ranks(toy, tmp_path):
+    """One update (2 epochs, KL to pi) of q on the same 8 x 4 rollouts on 1 rank, 2 DDP ranks and 2 FSDP
+    ranks: the same weights, to mstep's tolerance."""
+    results = {}
+    for name, ranks, flags in (("one", 1, []), ("ddp", 2, []), ("fsdp", 2, ["--fsdp"])):
+        script = tmp_path / f"{name}.py"
+        script.write_text(RANKS_SCRIPT.format(root=str(ROOT), model=str(toy / "base" / "model"), flags=flags,
+                                              data=str(toy / "expert.jsonl"), out=str(tmp_path / f"{name}.pt")))
+        torchrun([], ranks, script)
+        results[name] = torch.load(tmp_path / f"{name}.pt")
+    start = torch.cat([w.flatten() for w in M.load_model(str(toy / "base" / "model"), device="cpu")[0]
+                       .state_dict().values()])
+    assert (results["one"] - start).abs().max() > 1e-4  # the update moved q
+    for name in ("ddp", "fsdp"):
+        diff = (results["one"] - results[name]).abs().max()
+        assert torch.allclose(results["one"], results[name], atol=1e-5), (name, diff)
+
+
+def test_fsdp_run_and_resume_equal_ddp(toy, tmp_path):
+    """estep.py on 2 ranks with --fsdp, 2 updates then --resume to 3, against 2 DDP ranks for 3 updates: the
+    same metrics (rollouts come from the sampling copy, refilled from the shards after each update and
+    from the FSDP checkpoint on resuming), the same annotated traces, and the same q, saved whole."""
+    common = ["--model", toy / "base" / "model", "--data", toy / "expert.jsonl", "--batch-traces", "8", "--group", "4",
+              "--lr", "1e-3", "--eval-every", "1", "--eval-traces", "8", "--annotate-limit", "8"]
+    torchrun(common + ["--steps", "3", "--out", tmp_path / "ddp"])
+    torchrun(common + ["--steps", "2", "--fsdp", "--out", tmp_path / "fsdp"])
+    torchrun(common + ["--steps", "3", "--fsdp", "--resume", "--out", tmp_path / "fsdp"])
+    a, b = (metrics(tmp_path / x) for x in ("ddp", "fsdp"))
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
+    for x, y in zip(a, b):
+        for k, v in x.items():
+            if not k.endswith("_s") and k not in ("tokens_per_s", "lines_per_s"):
+                assert v == pytest.approx(y[k], rel=1e-5, abs=1e-5), (x["step"], k)
+    assert (tmp_path / "ddp" / "traces.jsonl").read_text() == (tmp_path / "fsdp" / "traces.jsonl").read_text()
+    wa, wb = (M.load_model(str(tmp_path / x / "q"), device="cpu")[0].state_dict() for x in ("ddp", "fsdp"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def metrics(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_bad_input(tmp_path):

@@ -113,41 +113,72 @@ import model as M, rlvr
 from test_rlvr import fake_samples
 from helpers import tiny
 
-def run(info):  # in a function, so that the DDP wrapper is gone before close_dist, as in the scripts
+def run(info):  # in a function, so that the DDP/FSDP wrappers are gone before close_dist, as in the scripts
     samples, adv = fake_samples(16), np.random.default_rng(1).normal(size=16)
     n = len(samples) // info.world
     mine = slice(info.rank * n, (info.rank + 1) * n)
     mdl, _ = tiny("tiny-llama")
     mdl.train()
-    net = M.PackedLogProbs(mdl, temperature=0.9)
-    if info.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net)
-    args = rlvr.parser.parse_args(["--epochs", "2"])
+    args = rlvr.parser.parse_args(["--epochs", "2", "--kl", "0.1"] + {flags!r})
+    net = M.wrap_for_ranks(M.PackedLogProbs(mdl, temperature=0.9), info, args.fsdp)
+    ref = M.wrap_for_ranks(M.PackedLogProbs(tiny("tiny-llama", seed=1)[0].requires_grad_(False), temperature=0.9),
+                           info, args.fsdp)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)  # before any forward, as wrap_for_ranks says
     batches = rlvr.micro_batches(samples[mine], 4, info.device)
-    rlvr.score_old(net, None, batches, info.device)
+    rlvr.score_old(net, ref, batches, info.device)
     rlvr.set_advantages(batches, adv[mine])
-    rlvr.update(net, torch.optim.SGD(mdl.parameters(), lr=0.5), batches, args, info.world, info.device)
+    rlvr.update(net, optimizer, batches, args, info.world, info.device)
+    weights = M.full_model_state(net)  # FSDP: gathered from the shards
     if M.is_main():
-        torch.save(torch.cat([p.detach().flatten() for p in mdl.parameters()]), {out!r})
+        torch.save(torch.cat([w.flatten() for w in weights.values()]), {out!r})
 
 run(M.init_dist())
 M.close_dist()
 """
 
 
+def torchrun(args, ranks, cwd=ROOT):
+    """Run a script (args[0]) under torchrun (gloo, CPU); fail with its output if any rank fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
+           *map(str, args)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+
 def test_one_rank_equals_two_ranks(tmp_path):
-    results = []
-    for ranks in (1, 2):
-        out = tmp_path / f"params{ranks}.pt"
-        script = tmp_path / f"ranks{ranks}.py"
-        script.write_text(RANKS_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(out)))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-               f"--master_port={free_port()}", str(script)]
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        results.append(torch.load(out))
-    assert torch.allclose(results[0], results[1], atol=2e-6), (results[0] - results[1]).abs().max()
+    """One update (2 epochs, KL to a reference) on 1 rank, 2 DDP ranks and 2 FSDP ranks (policy and
+    reference sharded): the same weights (2e-6, tighter than mstep's 1e-5; they differ by ~1e-8)."""
+    results = {}
+    for name, ranks, flags in (("one", 1, []), ("ddp", 2, []), ("fsdp", 2, ["--fsdp"])):
+        out, script = tmp_path / f"{name}.pt", tmp_path / f"{name}.py"
+        script.write_text(RANKS_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), flags=flags, out=str(out)))
+        torchrun([script], ranks, cwd=tmp_path)
+        results[name] = torch.load(out)
+    start, _ = tiny("tiny-llama")
+    assert (results["one"] - torch.cat([p.detach().flatten() for p in start.parameters()])).abs().max() > 1e-4
+    for name in ("ddp", "fsdp"):
+        diff = (results["one"] - results[name]).abs().max()
+        assert torch.allclose(results["one"], results[name], atol=2e-6), (name, diff)
+
+
+def test_fsdp_run_and_resume_equal_ddp(tmp_path):
+    """rlvr.py on 2 ranks with --fsdp (policy and KL reference sharded), 1 step then --resume to 2, against 2
+    DDP ranks for 2 steps: the same samples (drawn from the sampling copy, refilled from the shards after
+    each step and from the FSDP checkpoint on resuming), metrics and model, saved whole."""
+    common = SMALL + ["--kl", "0.1", "--lr", "1e-4", "--eval-every", "2"]
+    torchrun([ROOT / "rlvr.py", *common, "--steps", "2", "--out", tmp_path / "ddp"], 2)
+    torchrun([ROOT / "rlvr.py", *common, "--steps", "1", "--fsdp", "--out", tmp_path / "fsdp"], 2)
+    torchrun([ROOT / "rlvr.py", *common, "--steps", "2", "--fsdp", "--resume", "--out", tmp_path / "fsdp"], 2)
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [0, 1, 2]
+    for x, y in zip(a, b):
+        for k, v in x.items():
+            if not k.endswith("_s") and k != "seconds":
+                assert v == pytest.approx(y[k], rel=1e-5, abs=1e-5), (x["step"], k)
+    assert a[2]["kl"] > 0  # the reference took part
+    wa, wb = (M.load_model(str(tmp_path / x / "model"), device="cpu")[0].state_dict() for x in ("ddp", "fsdp"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 def test_partial_credit_is_the_share_of_asserts_passed():
