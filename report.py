@@ -3,12 +3,15 @@
     python report.py runs/pipeline          # writes runs/pipeline/results.md (and curves.png with matplotlib)
 
 Per seed and model (base, NTP, oracle, RA3): held-out pass@1 and pass@5, think rate of the samples, the
-cross-entropy on held-out expert code, and the RLVR curve (start, end, steps until pass@1 reaches
---target); with several seeds, mean ± sd over seeds. Then what each E-step learned (held-out ELBO and
-think rate at its first and last measurement, the share of its comments that name the right step) and
-what it wrote into the corpus. The oracle is the M-step on traces with the world's true plan comments:
-what any latents could buy at this budget. The settings of the run (run.sh writes them to OUT/settings.txt)
-head the file.
+cross-entropy on held-out expert code, the ELBO per held-out mid-training trace with the model's own comments
+(the CE alone penalises a model that comments) and the share of those comments naming the step that follows,
+and the RLVR curve (start, end, steps until pass@1 reaches --target, by default the NTP start's final
+pass@1 of the same seed); with several seeds, mean ± sd over seeds. Then the comparison: RA3 - NTP and
+oracle - NTP (mean ± sd over seeds of the per-seed differences) and the share of the oracle's gain RA3
+recovers, (RA3 - NTP) / (oracle - NTP). Then what each E-step learned (held-out ELBO and think rate at its
+first and last measurement, the share of its comments that name the right step) and what it wrote into the
+corpus. The oracle is the M-step on traces with the world's true plan comments: what any latents could buy
+at this budget. The settings of the run (run.sh writes them to OUT/settings.txt) head the file.
 """
 import argparse
 import json
@@ -18,7 +21,8 @@ from pathlib import Path
 parser = argparse.ArgumentParser(description="The results table of a run.sh output folder.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("out", nargs="?", default="runs/pipeline", help="run.sh's --out folder (holding seed0/, ...)")
-parser.add_argument("--target", type=float, default=0.85, help="RLVR: steps until held-out pass@1 reaches this")
+parser.add_argument("--target", type=float, default=None,
+                    help="RLVR: steps until held-out pass@1 reaches this (default: the NTP start's final pass@1)")
 MODELS = ("base", "ntp", "oracle", "ra3")
 NAN = float("nan")
 
@@ -33,16 +37,25 @@ def curve(stage_dir):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def rl_evals(seed_dir, name):
+    return [(m["step"], m["eval_pass1"]) for m in curve(seed_dir / f"rl-{name}") if "eval_pass1" in m]
+
+
 def model_row(seed_dir, name, target):
     ev, ce, rl = load(seed_dir / f"eval-{name}"), load(seed_dir / f"ce-{name}"), curve(seed_dir / f"rl-{name}")
-    evals = [(m["step"], m["eval_pass1"]) for m in rl if "eval_pass1" in m]
+    own = (load(seed_dir / f"elbo-{name}").get("heldout_curve") or [{}])[0]
+    evals = rl_evals(seed_dir, name)
+    if target is None:  # NTP's final pass@1: how many steps each start needs to get where NTP ends
+        ntp = rl_evals(seed_dir, "ntp")
+        target = ntp[-1][1] if ntp else NAN
     reach = next((s for s, p in evals if p >= target), None)
     think = [m["think_rate"] for m in rl if "think_rate" in m]
     return {"pass@1": ev.get("pass@1", NAN), "pass@5": ev.get("pass@5", NAN), "think rate": ev.get("think_rate", NAN),
-            "CE on expert code": ce.get("eval_loss", NAN),
+            "CE on expert code": ce.get("eval_loss", NAN), "ELBO, own comments": own.get("heldout_elbo", NAN),
+            "its comments naming the step": own.get("heldout_named_step", NAN),
             "RLVR pass@1 start": evals[0][1] if evals else NAN, "RLVR pass@1 end": evals[-1][1] if evals else NAN,
             "RLVR think rate end": think[-1] if think else NAN,
-            f"RLVR steps to {target}": NAN if not evals else (reach if reach is not None else f">{evals[-1][0]}")}
+            "RLVR steps to target": NAN if not evals else (reach if reach is not None else f">{evals[-1][0]}")}
 
 
 def fmt(v):
@@ -71,6 +84,28 @@ def models_table(seeds, target):
             cells = [f"reached in {sum(isinstance(r[c], int) for r in rows)}/{len(rows)}" if c.startswith("RLVR steps")
                      else mean_sd([r[c] for r in rows]) for c in cols]
             lines.append(f"| mean ± sd ({len(rows)}) | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparison(seeds):
+    """RA3 - NTP and oracle - NTP in pass@1 (per seed, then mean ± sd), and the share of the oracle's gain
+    that RA3 recovers (from the means; undefined where the oracle does not beat NTP)."""
+    p1 = {(d.name, n): load(d / f"eval-{n}").get("pass@1") for d in seeds for n in ("ntp", "oracle", "ra3")}
+    lines = []
+    diffs = {}
+    for n in ("ra3", "oracle"):
+        diffs[n] = [p1[d.name, n] - p1[d.name, "ntp"] for d in seeds
+                    if p1[d.name, n] is not None and p1[d.name, "ntp"] is not None]
+        if diffs[n]:
+            sd = f" ± {statistics.stdev(diffs[n]):.3f}" if len(diffs[n]) > 1 else ""
+            lines.append(f"- {'RA3' if n == 'ra3' else 'oracle'} - NTP, pass@1: {statistics.mean(diffs[n]):+.3f}{sd} "
+                         f"({len(diffs[n])} seed{'s' if len(diffs[n]) > 1 else ''}: "
+                         + ", ".join(f"{x:+.3f}" for x in diffs[n]) + ")")
+    if diffs.get("ra3") and diffs.get("oracle"):
+        gain = statistics.mean(diffs["oracle"])
+        lines.append("- share of the oracle's gain RA3 recovers: " + (
+            f"{statistics.mean(diffs['ra3']) / gain:.2f}" if gain > 0 else
+            "undefined: the oracle does not beat NTP here, so there is no gain for latents to recover"))
     return lines
 
 
@@ -128,6 +163,9 @@ def main(args):
     settings = out / "settings.txt"
     text = (f"Settings: {settings.read_text().strip()}\n\n" if settings.exists() else "")
     text += "\n".join(models_table(seeds, args.target)) + "\n"
+    compare = comparison(seeds)
+    if compare:
+        text += "\nHeld-out pass@1 against NTP:\n\n" + "\n".join(compare) + "\n"
     estep = estep_table(seeds)
     if estep:
         text += "\nE-steps (held-out instruments, first -> last measurement; what q wrote into the corpus):\n\n"

@@ -53,31 +53,39 @@ def test_run_sh_tiny_end_to_end(tmp_path):
 
 
 def test_report_averages_seeds(tmp_path):
-    """report.py on outputs written here: per seed, and mean ± sd over seeds."""
+    """report.py on outputs written here: per seed, mean ± sd over seeds, and the comparison with NTP."""
     out = tmp_path / "exp"
     write = lambda path, obj: (path.parent.mkdir(parents=True, exist_ok=True), path.write_text(json.dumps(obj)))
-    for s, (p_ntp, p_ra3, curve) in enumerate([(0.8, 0.6, [0.80, 0.86]), (0.9, 0.7, [0.70, 0.75])]):
+    runs = [(dict(ntp=0.8, oracle=0.9, ra3=0.6), dict(ntp=[0.80, 0.86], ra3=[0.60, 0.90])),
+            (dict(ntp=0.9, oracle=1.0, ra3=0.7), dict(ntp=[0.70, 0.75], ra3=[0.60, 0.70]))]
+    for s, (p1, curves) in enumerate(runs):
         d = out / f"seed{s}"
         for k in (1, 2):
             write(d / f"ra3/e{k}/summary.json", {"heldout_curve": [{"heldout_elbo": -2.0 * k}, {"heldout_elbo": -1.0 * k}],
                                                   "annotated_think_rate": 0.1 * k})
-        for name, p in (("base", 0.5), ("ntp", p_ntp), ("ra3", p_ra3)):
+        for name, p in dict(base=0.5, **p1).items():
             write(d / f"eval-{name}/summary.json", {"pass@1": p, "think_rate": 0.0})
             write(d / f"ce-{name}/summary.json", {"eval_loss": 1.0 + s})
-        for name in ("ntp", "ra3"):
+            write(d / f"elbo-{name}/summary.json", {"heldout_curve": [{"heldout_elbo": -9.0 - s, "heldout_named_step": 0.5}]})
+        for name, c in curves.items():
             (d / f"rl-{name}").mkdir()
             (d / f"rl-{name}/metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
-                {"step": 0, "eval_pass1": curve[0]},
-                {"step": 2, "reward": 0.5, "think_rate": 0.0, "eval_pass1": curve[1]}]) + "\n")
+                {"step": 0, "eval_pass1": c[0]},
+                {"step": 2, "reward": 0.5, "think_rate": 0.0, "eval_pass1": c[1]}]) + "\n")
     (out / "settings.txt").write_text("run.sh test settings")
     p = subprocess.run([sys.executable, str(ROOT / "report.py"), str(out)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = (out / "results.md").read_text()
     assert text.startswith("Settings: run.sh test settings")
     rows = {" | ".join(x.split(" | ")[:2]): x for x in text.splitlines() if x.startswith("| ")}
-    assert "| 0.850 ± 0.071 | - | 0.000 ± 0.000 | 1.500 ± 0.707 |" in rows["| mean ± sd (2) | ntp"]
-    assert "| reached in 1/2 |" in rows["| mean ± sd (2) | ntp"] and rows["| seed0 | ntp"].endswith("| 2 |")
-    assert rows["| seed1 | ra3"].endswith("| >2 |") and "0.650 ± 0.071" in rows["| mean ± sd (2) | ra3"]
+    assert "| 0.850 ± 0.071 | - | 0.000 ± 0.000 | 1.500 ± 0.707 | -9.500 ± 0.707 | 0.500 ± 0.000 |" \
+        in rows["| mean ± sd (2) | ntp"]
+    # steps until the NTP start's final pass@1 of the same seed: seed0 0.86 (RA3 passes it at 2), seed1 0.75
+    assert rows["| seed0 | ra3"].endswith("| 2 |") and rows["| seed1 | ra3"].endswith("| >2 |")
+    assert "| reached in 2/2 |" in rows["| mean ± sd (2) | ntp"] and "| reached in 1/2 |" in rows["| mean ± sd (2) | ra3"]
+    assert "- RA3 - NTP, pass@1: -0.200 ± 0.000 (2 seeds: -0.200, -0.200)" in text
+    assert "- oracle - NTP, pass@1: +0.100 ± 0.000" in text
+    assert "- share of the oracle's gain RA3 recovers: -2.00" in text
     assert "| seed1 | 2 | -4.000 -> -2.000 |" in text  # the E-step's held-out ELBO, first -> last
 
 
