@@ -592,10 +592,55 @@ def _same(out, exp, atol):
         pass
     return atol != 0 and _close(out, exp, atol)
 
+def _poly(xs, x):
+    return sum(c * _math.pow(x, i) for i, c in enumerate(xs))
+
+def _pyramid_area(base, height):  # the reference misreads `height`; evalplus judges by this formula
+    return round(base ** 2 + 2 * base * _math.sqrt((base / 2) ** 2 + height ** 2))
+
+def _digit_distance(a, b):  # the reference drops a longer number's extra digits; evalplus pads with zeros
+    a, b = str(a), str(b)
+    n = max(len(a), len(b))
+    return sum(abs(int(x) - int(y)) for x, y in zip(a.zfill(n), b.zfill(n)))
+
+def _judge(args, out, exp):
+    # evalplus 0.3.1's per-task oracles, where the reference's exact output is not what the task asks
+    if _ORACLE == "root":  # HumanEval/32: any x where the polynomial is 0 (|p(x)|; 0.3.1 forgot the abs)
+        return isinstance(out, (int, float)) and abs(_poly(*args, out)) <= _ATOL
+    if _ORACLE == "any":  # Mbpp/164: the reference is wrong; every output passes
+        return True
+    if _ORACLE == "set":  # order and duplicates do not matter
+        try:
+            if set(out) == set(exp):
+                return True
+        except TypeError:
+            pass
+        return _ATOL != 0 and _close(out, exp, _ATOL)
+    if _ORACLE == "not_none":  # a match object or None: what counts is whether something matched
+        want = exp if isinstance(exp, bool) else exp is not None
+        return out == want if isinstance(out, bool) else want == (out is not None)
+    if _ORACLE == "or_zero" and out == 0:  # Mbpp/295: 0 is also accepted
+        return True
+    if _ORACLE == "pyramid" and isinstance(out, (int, float)) and abs(out - _pyramid_area(*args)) <= _ATOL:
+        return True
+    if _ORACLE == "digits" and out == _digit_distance(*args):
+        return True
+    return _same(out, exp, _ATOL)
+
 def check(candidate):
     for args, exp in zip(_INPUTS, _EXPECTED):
-        assert _same(_candidate(*_copy.deepcopy(args)), exp, _ATOL), f"wrong output for {{args!r}}"[:300]
+        out = _candidate(*_copy.deepcopy(args))
+        assert _judge(args, out, exp), f"wrong output for {{args!r}}"[:300]
 '''
+
+# evalplus 0.3.1's special oracles (evalplus/eval/__init__.py and _special_oracle.py), by benchmark and entry point
+PLUS_ORACLES = {("humaneval+", "find_zero"): "root", ("mbpp+", "are_equivalent"): "any",
+                ("mbpp+", "sum_div"): "or_zero", ("mbpp+", "surface_Area"): "pyramid",
+                ("mbpp+", "digit_distance_nums"): "digits",
+                **{("mbpp+", e): "set" for e in ("similar_elements", "find_char_long", "common_in_nested_lists",
+                                                 "extract_singly", "larg_nnum", "intersection_array",
+                                                 "find_dissimilar", "Diff")},
+                **{("mbpp+", e): "not_none" for e in ("check_str", "text_match_three", "text_starta_endb")}}
 
 
 SHAPE_INPUTS = '''
@@ -661,7 +706,8 @@ def _plus(r, where, base):
              + (f"_LIKE = {like!r}\n{SHAPE_INPUTS}" if like else "")
              + f"_ref_ns = {{}}\nexec({reference!r}, _ref_ns)\n"
              f"_EXPECTED = [_ref_ns[{entry!r}](*_copy.deepcopy(a)) for a in _INPUTS]\n"
-             f"_ATOL = {float(r.get('atol') or 0)!r}\ndel _ref_ns\n")
+             f"_ATOL = {float(r.get('atol') or 0)!r}\n_ORACLE = {PLUS_ORACLES.get((base, entry))!r}\n"
+             "del _ref_ns\n")
     return Problem(r["task_id"], prompt, entry, PLUS_CHECK.format(entry=entry), solution, test_setup=setup,
                    source=base)
 

@@ -77,6 +77,8 @@ parser.add_argument("--resume", action="store_true",
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--seed", type=int, default=0, help="seed")
+parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
+                    "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
 if __name__ == "__main__":
     args = parser.parse_args()
 
@@ -731,6 +733,7 @@ def main(args):
                                               max_latent=1, max_lines=1, epochs=1, clip=0, kl=0, micro_rows=1,
                                               annotate_limit=1, eval_traces=0, eval_every=1, save_every=1),
                   above=dict(temperature=0, annotate_temperature=0, lr=0))
+    M.check_wandb(parser, args)
     dist = M.init_dist()
     done = M.finished_run(args.out, args, "estep", RESUME_KEYS)
     if done is not None:
@@ -771,19 +774,10 @@ def main(args):
         start = M.load_training(out_dir / "checkpoint", net, optimizer)
         M.sync_sampling_copy(sampler, q)
         M.print0(f"resumed from {out_dir / 'checkpoint'} at step {start}")
-    if M.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        M.truncate_metrics(out_dir / "metrics.jsonl", start)
-        if start == 0:
-            (out_dir / "metrics.jsonl").write_text("")
+    log = M.MetricsLog(out_dir / "metrics.jsonl", start, args)
     M.print0(f"estep: {len(plans)} traces ({skipped} skipped), {len(held)} held out, B={args.batch_traces} "
              f"G={args.group} H={args.horizon} c={args.penalty} L={args.max_latent}, "
              f"units {'newline-first' if units.newline_first else 'newline-last'}")
-
-    def log(m):
-        if M.is_main():
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
 
     reference = reference_scores(pi, units, sets, held, held_tasks, args) if held else {}
 
@@ -851,6 +845,7 @@ def main(args):
         _merge_parts(out_dir, dist.world)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     M.print0(json.dumps(summary))
+    log.close()
     return summary
 
 

@@ -1288,6 +1288,43 @@ def truncate_metrics(path, step):
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in keep))
 
+
+def check_wandb(parser, args):
+    """--wandb needs the package: say so before any work, not after it."""
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        parser.error("--wandb needs the wandb package (pip install wandb)")
+
+
+class MetricsLog:
+    """A trainer's OUT/metrics.jsonl, one JSON line a step, written by the main rank. A run that starts at
+    step 0 begins a new file; a resumed one forgets what the killed run logged after its checkpoint. With
+    --wandb PROJECT the same numbers go to Weights & Biases (imported only then; a resumed run logs as a
+    new W&B run with the same name)."""
+
+    def __init__(self, path, start, args):
+        self.path, self.run = Path(path), None
+        if not is_main():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, start) if start else self.path.write_text("")
+        if getattr(args, "wandb", None):
+            import wandb
+            self.run = wandb.init(project=args.wandb, name=self.path.parent.name, config=vars(args),
+                                  dir=str(self.path.parent))
+
+    def __call__(self, metrics):
+        if not is_main():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"},
+                         step=metrics["step"])
+
+    def close(self):
+        if self.run is not None:
+            self.run.finish()
+
 if __name__ == "__main__":
     model, tok = load_model(ARGS.model)
     out = generate(model, tok, [ARGS.prompt], n=ARGS.n, max_new_tokens=ARGS.max_new_tokens,

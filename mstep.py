@@ -59,6 +59,8 @@ parser.add_argument("--layers", type=int, default=6, help="--init scratch: layer
 parser.add_argument("--heads", type=int, default=6, help="--init scratch: attention heads")
 parser.add_argument("--kv-heads", type=int, default=2, help="--init scratch: key/value heads")
 parser.add_argument("--vocab-size", type=int, default=1024, help="--init scratch: tokenizer vocabulary")
+parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
+                    "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
 if __name__ == "__main__":
     args = parser.parse_args()
 
@@ -250,6 +252,7 @@ def main(args):
                                               min_lr_ratio=0, weight_decay=0, eval_every=1, save_every=1, hidden=1,
                                               layers=1, heads=1, kv_heads=1, vocab_size=260),
                   above=dict(lr=0, clip=0))
+    M.check_wandb(parser, args)
     if not 0 <= args.eval_share < 1 and not (args.steps == 0 and args.eval_share == 1):
         parser.error(f"--eval-share must be in [0, 1) (1 only with --steps 0), not {args.eval_share}")
     dist_info = M.init_dist()
@@ -280,9 +283,7 @@ def main(args):
         so_far = M.read_meta(out / "checkpoint")["metrics"]  # so that the summary covers the whole run
         tokens_seen, seconds = so_far.get("tokens", 0), so_far.get("seconds", 0.0)
         M.print0(f"resumed from {out / 'checkpoint'} at step {start}")
-    if M.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        M.truncate_metrics(out / "metrics.jsonl", start)
+    log = M.MetricsLog(out / "metrics.jsonl", start, args)
     M.print0(f"mstep: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(traces)} traces, "
              f"{len(packed.input_ids)} rows of {args.seq_len}, {rows_per_step} rows a step on {dist_info.world} "
              f"rank(s), {args.steps} steps")
@@ -308,9 +309,8 @@ def main(args):
             last["mfu"] = fpt * n_tok / dt / (PEAK_FLOPS * dist_info.world)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             last["eval_loss"] = evaluate(net, eval_rows, dist_info, args, device)
+        log(last)
         if M.is_main():
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             M.save_training(out / "checkpoint", net, model, tok, optimizer, "mstep", step + 1, args, last)
@@ -325,6 +325,7 @@ def main(args):
     if "mfu" in last:
         summary["mfu"] = last["mfu"]
     M.finish_training(out, net, model, tok, optimizer, "mstep", args.steps, args, summary)
+    log.close()
     return summary
 
 

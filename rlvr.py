@@ -60,6 +60,8 @@ parser.add_argument("--resume", action="store_true",
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--seed", type=int, default=0, help="seed")
+parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
+                    "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
 if __name__ == "__main__":
     args = parser.parse_args()
 
@@ -351,6 +353,7 @@ def main(args):
                                               group=1, max_new_tokens=1, warmup=0, epochs=1, clip_low=0, clip_high=0,
                                               kl=0, micro_rows=1, max_rows=1, workers=1, save_every=1),
                   above=dict(temperature=0, lr=0, timeout=0))
+    M.check_wandb(parser, args)
     dist = M.init_dist()
     done = M.finished_run(args.out, args, "rlvr", RESUME_KEYS)
     if done is not None:
@@ -383,17 +386,10 @@ def main(args):
         seconds = M.read_meta(out / "checkpoint")["metrics"].get("seconds", 0.0)  # the summary covers the whole run
         M.sync_sampling_copy(sampler, policy)
         M.print0(f"resumed from {out / 'checkpoint'} at step {start}")
-    if M.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        M.truncate_metrics(out / "metrics.jsonl", start)
+    log = M.MetricsLog(out / "metrics.jsonl", start, args)
     M.print0(f"rlvr: {len(problems)} training problems, {len(evals)} held-out ({args.eval_bench}), "
              f"P={args.batch_prompts} G={args.group} on {dist.world} rank(s), {args.steps} steps")
     curve = []
-
-    def log(m):
-        if M.is_main():
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
 
     if start == 0:
         p1, think = held_out_pass1(sampler, tok, evals, executor, args, dist)
@@ -432,6 +428,7 @@ def main(args):
                    model=str(out / "model"))
     M.release_decoder(sampler)
     M.finish_training(out, net, policy, tok, optimizer, "rlvr", args.steps, args, summary)
+    log.close()
     return summary
 
 

@@ -491,3 +491,47 @@ def test_plus_outputs_are_judged_as_evalplus_judges():
         results, _ = E.evaluate(problems, completions, [1], pool)
     got = {r["task_id"]: r["correct"] == 1 for r in results}
     assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+
+
+def test_evalplus_per_task_oracles():
+    """evalplus 0.3.1 judges some tasks by their own oracle, not by the reference's output; one case per
+    oracle, on records made here with the tasks' entry points (reference, inputs, {candidate: passes})."""
+    import data as D
+    cases = {
+        ("mbpp+", "are_equivalent"): ("def are_equivalent(a, b):\n    return a == b\n", [[1, 2]],  # Mbpp/164
+                                      {"return 'anything'": True}),
+        ("mbpp+", "similar_elements"): ("def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n",
+                                        [[(3, 4, 5), (5, 4, 9)]],  # order and duplicates do not matter
+                                        {"return (5, 4, 4)": True, "return (5,)": False}),
+        ("mbpp+", "text_match_three"): ("import re\ndef text_match_three(t):\n    return re.search('ab{3}', t)\n",
+                                        [["abbb"], ["ab"]],  # something matched or not
+                                        {"return 'bbb' in t": True, "return t": False,
+                                         "return re.search('b{3}', t)": True}),
+        ("mbpp+", "sum_div"): ("def sum_div(n):\n    return sum(i for i in range(1, n) if n % i == 0)\n",
+                               [[8], [12]], {"return 0": True, "return 1": False}),
+        ("mbpp+", "surface_Area"): ("def surface_Area(b, s):\n    return 2 * b * s + b ** 2\n", [[3, 4]],
+                                    {"import math\n    return round(9 + 6 * math.sqrt(2.25 + 16))": True,
+                                     "return 33": True, "return 34": False}),
+        ("mbpp+", "digit_distance_nums"): ("def digit_distance_nums(a, b):\n    return 0\n", [[123, 5]],
+                                           {"return 1 + 2 + 2": True, "return 7": False,
+                                            "return 0": True}),  # the reference's own output passes too
+        ("humaneval+", "find_zero"): ("def find_zero(xs):\n    return 1.0\n", [[[-1.0, 0.0, 1.0]]],  # x^2 - 1
+                                      {"return -1.0": True, "return 1.0": True, "return 0.0": False}),
+    }
+    problems, completions, want = [], {}, {}
+    for (base, entry), (reference, inputs, candidates) in cases.items():
+        for i, (body, ok) in enumerate(candidates.items()):
+            record = {"task_id": f"{entry}/{i}", "prompt": "Do it.", "entry_point": entry,
+                      "canonical_solution": reference, "base_input": inputs, "plus_input": [],
+                      "atol": 1e-4 if base == "humaneval+" else 0, "assertion": ""}
+            if base == "humaneval+":
+                record["prompt"], record["canonical_solution"] = "", reference
+            p = D._plus(record, "test", base)
+            problems.append(p)
+            args = ", ".join(f"a{j}" for j in range(len(inputs[0])))
+            completions[p.task_id] = [f"import re\ndef {entry}({args}):\n    t = a0\n    {body}\n"]
+            want[p.task_id] = ok
+    with E.Executor(2) as pool:
+        results, _ = E.evaluate(problems, completions, [1], pool)
+    got = {r["task_id"]: r["correct"] == 1 for r in results}
+    assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}

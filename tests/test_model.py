@@ -477,3 +477,31 @@ def test_compiled_flex_scorer_on_gpu():
             assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), n
         mdl.zero_grad()
         ref.zero_grad()
+
+
+def test_metrics_log_resumes_and_mirrors_to_wandb(tmp_path, monkeypatch):
+    """metrics.jsonl starts afresh at step 0, forgets what a killed run logged after its checkpoint on resume,
+    and with --wandb sends the same numbers (a stand-in module records what W&B would get)."""
+    import argparse
+    import json
+    import types
+    calls = []
+    run = types.SimpleNamespace(log=lambda m, step: calls.append(("log", step, m)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or run)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    path = tmp_path / "run" / "metrics.jsonl"
+    args = argparse.Namespace(wandb="proj", lr=0.1)
+    log = M.MetricsLog(path, 0, args)
+    for step in (1, 2, 3):
+        log({"step": step, "loss": 1.0 / step, "note": "x"})
+    log.close()
+    assert calls[0] == ("init", dict(project="proj", name="run", config=vars(args), dir=str(path.parent)))
+    assert calls[1:4] == [("log", s, {"loss": 1.0 / s}) for s in (1, 2, 3)] and calls[-1] == ("finish",)
+    M.MetricsLog(path, 2, argparse.Namespace(wandb=None))  # a resume from step 2
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    M.MetricsLog(path, 0, argparse.Namespace(wandb=None))  # a new run
+    assert path.read_text() == ""
+    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        M.check_wandb(argparse.ArgumentParser(), argparse.Namespace(wandb="proj"))
