@@ -1199,18 +1199,23 @@ def finish_training(out, net, model, tok, optimizer, stage, step, args, summary)
 class StopOnInterrupt:
     """Ctrl-C in a trainer's loop: the first SIGINT asks it to stop after the current step (`asked()` turns
     True on every rank at the same step: the flag is summed over ranks), so that it can checkpoint and exit;
-    a second one stops at once. `restore()` puts back the previous handler. In the main thread only."""
+    a second one, DEBOUNCE_S or more later, stops at once. The grace period is for torchrun: a terminal's
+    Ctrl-C reaches every process of the group, and torchrun then sends each worker its own SIGINT, which
+    must not count as the second. `restore()` puts back the previous handler. In the main thread only."""
+    DEBOUNCE_S = 2.0
 
     def __init__(self):
         import threading
-        self.flag, self.previous = False, None
+        self.flag, self.previous, self.first = False, None, 0.0
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         if self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
+            if time.monotonic() - self.first >= self.DEBOUNCE_S:
+                raise KeyboardInterrupt
+            return
+        self.flag, self.first = True, time.monotonic()
         print("interrupted: stopping after this step with a checkpoint (Ctrl-C again to stop now)", file=sys.stderr,
               flush=True)
 

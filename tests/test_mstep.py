@@ -121,6 +121,42 @@ def test_ctrl_c_checkpoints_and_resume_finishes(tmp_path):
     assert "resumed from" in run(args + ["--resume"]) and len(losses(tmp_path / "run")) == 40
 
 
+def test_ctrl_c_under_torchrun_checkpoints_every_rank(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: torchrun and both ranks. torchrun then sends each
+    rank a SIGINT of its own; that one must not count as a second Ctrl-C. The ranks stop at the same step,
+    write one checkpoint and exit (torchrun itself reports the signal and exits non-zero)."""
+    args = TINY + ["--steps", "40", "--save-every", "100", "--out", str(tmp_path / "run")]
+    p = run(args, torchrun=2, wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            os.killpg(p.pid, signal.SIGINT)
+            break
+        time.sleep(0.02)
+    out, _ = p.communicate(timeout=300)
+    assert "interrupted at step" in out and "KeyboardInterrupt" not in out, out[-3000:]
+    step = M.read_meta(tmp_path / "run" / "checkpoint")["metrics"]["step"]
+    assert 2 <= step < 40 and len(metrics.read_text().splitlines()) == step
+    assert "resumed from" in run(args + ["--resume"], torchrun=2) and len(losses(tmp_path / "run")) == 40
+
+
+def test_a_second_ctrl_c_stops_at_once_but_not_a_forwarded_copy(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(M.time, "monotonic", lambda: clock[0])
+    stop = M.StopOnInterrupt()
+    try:
+        stop._handle(signal.SIGINT, None)
+        clock[0] += 0.1
+        stop._handle(signal.SIGINT, None)  # torchrun's copy of the same Ctrl-C
+        assert stop.flag
+        clock[0] += M.StopOnInterrupt.DEBOUNCE_S
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+    finally:
+        stop.restore()
+
+
 def packed_batch(tok, traces, latents, args):
     packed, _ = mstep.build_rows(tok, traces, latents, args)
     mask = mstep.targets(packed)
