@@ -1,6 +1,6 @@
 """minicode.py: the minicode world, the project's embedded default and its controlled experiment.
 
-A task is a function of one argument whose body chains 2-7 *steps*. A step has a kind (what it does), an
+A task is a function of one argument whose body chains 2-8 *steps*. A step has a kind (what it does), an
 input and output type, code in several styles (loop, comprehension, builtin), phrasings for the docstring,
 and phrasings for a plan comment. The world knows which step every line of an expert solution belongs to,
 so it can say what the E-step found (does q's comment name the step that follows?) and write the true plan
@@ -9,10 +9,15 @@ so it can say what the E-step found (does q's comment name the step that follows
 Paper object                                  -> here
   expert code (mid-training traces)             -> corpus("midtrain"): solutions without comments
   code with natural comments (pretraining)      -> corpus("pretrain"): ~half the steps carry a plan comment
-  RLVR problems / held-out benchmark            -> SPLITS: minicode-train / minicode-heldout, with unit tests
-  the latent intent of a line (ground truth)    -> Task.step_of, plan_comment, name_of
+  RLVR problems / held-out benchmark            -> SPLITS: minicode-train / minicode-heldout (dev: choosing)
+  the latent intent of a line (ground truth)    -> Task.step_of, Task.true_plan, names_of
 
-Held-out tasks use compositions (sequences of step kinds) that training tasks never use.
+Held-out tasks use compositions (sequences of step kinds) that training tasks never use; the dev split's
+compositions are held out and kept apart from the test tasks', for choosing settings.
+
+Worlds (WORLDS) differ in what the text gives away: plain (the default) comments in short phrases of its
+own and names variables after their steps; echo's comments restate the docstring's words; anon's names
+are neutral. A name `minicode-WORLD-SPLIT` (parse) picks one; worlds.sh asks which lets latents pay.
 """
 import dataclasses
 import hashlib
