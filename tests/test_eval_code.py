@@ -463,6 +463,14 @@ def test_pass_at_k_edges():
             E.pass_at_k(*bad)
 
 
+def assert_judged(problems, completions, want):
+    """Run one completion per problem; each passes or fails as `want` (task id -> bool) says."""
+    with E.Executor(2) as pool:
+        results, _ = E.evaluate(problems, completions, [1], pool)
+    got = {r["task_id"]: r["correct"] == 1 for r in results}
+    assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+
+
 def test_plus_outputs_are_judged_as_evalplus_judges():
     """HumanEval+/MBPP+ comparisons, one task per class where we and evalplus 0.3.1 used to differ: a list
     is not a tuple (Mbpp/587 returns a tuple); float outputs pass within evalplus's tolerance, whatever the
@@ -487,10 +495,7 @@ def test_plus_outputs_are_judged_as_evalplus_judges():
             problems.append(p)
             completions[p.task_id] = [f"def f({'l' if name == 'tuple' else 'x'}):\n    {body}\n"]
             want[p.task_id] = ok
-    with E.Executor(2) as pool:
-        results, _ = E.evaluate(problems, completions, [1], pool)
-    got = {r["task_id"]: r["correct"] == 1 for r in results}
-    assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert_judged(problems, completions, want)
 
 
 def test_evalplus_per_task_oracles():
@@ -531,7 +536,4 @@ def test_evalplus_per_task_oracles():
             args = ", ".join(f"a{j}" for j in range(len(inputs[0])))
             completions[p.task_id] = [f"import re\ndef {entry}({args}):\n    t = a0\n    {body}\n"]
             want[p.task_id] = ok
-    with E.Executor(2) as pool:
-        results, _ = E.evaluate(problems, completions, [1], pool)
-    got = {r["task_id"]: r["correct"] == 1 for r in results}
-    assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert_judged(problems, completions, want)
