@@ -451,10 +451,39 @@ def pack_rollouts(rollouts, row_len=None):
     return packed, starts
 
 
+def shared_prompt_hidden(model, rollouts):
+    """pi's hidden states over rollouts, each group's prompt computed once: consecutive rollouts of one plan
+    (the G of a trace) are prefilled with fanout G, then every rollout's own tokens go through one ragged
+    forward (Decoder.feed) attending to its prompt's K/V. Returns (hidden [n, H], where): where(i, p) is
+    the row of `hidden` for rollout i at document position p >= len(prompt) - 1 (none earlier is needed:
+    the first decision is made there)."""
+    runs = [1]
+    for a, b in zip(rollouts, rollouts[1:]):
+        if b.plan is a.plan:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    fanout = runs[0] if len(set(runs)) == 1 else 1  # uneven groups: every prompt its own
+    prompts = [r.plan.prompt for r in rollouts[::fanout]]
+    longest = max(len(r.plan.prompt) + len(r.ids) for r in rollouts)
+    dec = M.Decoder(model, len(rollouts), longest, cuda_graphs=False)
+    dec.prefill(prompts, fanout=fanout)
+    lens = [len(r.ids) for r in rollouts]
+    starts = np.cumsum(lens) - lens
+    h = dec.feed(list(range(len(rollouts))), [r.ids for r in rollouts], list(range(sum(lens))), hidden=True)
+    hidden = torch.cat([dec.last_hidden, h])
+
+    def where(i, p):
+        n_prompt = len(rollouts[i].plan.prompt)
+        return i if p == n_prompt - 1 else len(rollouts) + starts[i] + p - n_prompt
+    return hidden, where
+
+
 def rewards(pi, sets, rollouts, penalty, micro_rows):
-    """r_t = log pi(a_t | s_t, z_t) - c [z_t = think] for every action of every rollout, from one packed
-    pass of pi per micro-batch. Both branches score what comes before the decision (the action's lead and
-    the prefix its code shares with a comment line: the same tokens in the same context either way). Then
+    """r_t = log pi(a_t | s_t, z_t) - c [z_t = think] for every action of every rollout, from one pass of
+    pi per micro-batch (each trace's prompt once for its rollouts: `shared_prompt_hidden`). Both branches
+    score what comes before the decision (the action's lead and the prefix its code shares with a comment
+    line: the same tokens in the same context either way). Then
     <think> scores the code line after the comment; <act> scores the rest of the code line given that no
     comment starts here: its tokens minus log pi(act | s_t), i.e. the first one's probability renormalised
     over the tokens that do not begin a comment. Without that term every <act> would be docked by pi's own
@@ -464,23 +493,23 @@ def rewards(pi, sets, rollouts, penalty, micro_rows):
     out = []
     for chunk in range(0, len(rollouts), micro_rows):
         part = rollouts[chunk:chunk + micro_rows]
-        packed, starts = pack_rollouts(part)
-        ids, pos, doc = (x.to(device) for x in (packed.input_ids, packed.position_ids, packed.doc_ids))
-        acts = [(i, line, starts[i][0], starts[i][1] + p, mask) for i, r in enumerate(part)
+        hidden, where = shared_prompt_hidden(pi, part)
+        before = [where(i, len(r.plan.prompt) + k - 1) for i, r in enumerate(part) for k in range(len(r.ids))]
+        targets = torch.tensor([x for r in part for x in r.ids], device=device)
+        acts = [(i, line, where(i, p), mask) for i, r in enumerate(part)
                 for kind, p, mask, line, _ in r.events if kind == NOT_IN_SET]
-        with torch.no_grad(), M.autocast(device):
-            hidden = M.packed_hidden(pi, ids, pos, doc)
-            lp = M.hidden_logprobs(pi, hidden, ids, doc)
+        with torch.no_grad():
+            lp = M.chunked_logprobs(pi, hidden[torch.tensor(before, device=device)], targets)
             act_lp = torch.zeros(0)
             if acts:
-                where = torch.tensor([(row, col, mask) for _, _, row, col, mask in acts], device=device)
-                act_lp = event_logprobs(pi, sets, hidden[where[:, 0], where[:, 1]],
-                                        torch.full((len(acts),), NOT_IN_SET, device=device), where[:, 2], 1.0)
+                at = torch.tensor([(h, mask) for _, _, h, mask in acts], device=device)
+                act_lp = event_logprobs(pi, sets, hidden[at[:, 0]], torch.full((len(acts),), NOT_IN_SET, device=device),
+                                        at[:, 1], 1.0)
         lp, act_lp = lp.float().cpu().numpy(), act_lp.float().cpu().numpy()
+        first = 0
         for i, r in enumerate(part):
-            row, col = starts[i]
-            n_prompt = len(r.plan.prompt)
-            token_lp = lp[row, col + n_prompt:col + n_prompt + len(r.ids)]
+            token_lp = lp[first:first + len(r.ids)]
+            first += len(r.ids)
             roles, lines = np.array(r.roles), np.array(r.lines)
             expert = (roles == LEAD) | (roles == PREFIX) | (roles == CODE)
             reward = np.bincount(lines[expert], weights=token_lp[expert], minlength=len(r.latents))

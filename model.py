@@ -547,6 +547,7 @@ class Decoder:
             h = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                           use_cache=False).last_hidden_state
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]
+        self.last_hidden = last.repeat_interleave(fanout, dim=0)  # for callers that score (Decoder.feed)
         self.logits = final_logits(self.model, last).repeat_interleave(fanout, dim=0)
         self.pos.copy_(lens.repeat_interleave(fanout))
         self.lengths[:] = self.pos.cpu().numpy()
@@ -582,11 +583,12 @@ class Decoder:
         return self.logits
 
     @torch.inference_mode()
-    def feed(self, rows, spans, at):
+    def feed(self, rows, spans, at, hidden=False):
         """Ragged feed: spans[k] (a non-empty token list) is written at row rows[k]'s length onward, all
         spans in one forward of sum(len(span)) tokens (no padding in the linear layers). Returns the logits
-        after the tokens at flat indices `at` of the spans' concatenation. Used where rows feed known tokens
-        of very different lengths at once (speculative teacher forcing in estep.py's rollouts)."""
+        after the tokens at flat indices `at` of the spans' concatenation (hidden=True: the last hidden
+        states there). Used where rows feed known tokens of very different lengths at once (speculative
+        teacher forcing in estep.py's rollouts; its reward pass, a prompt once for its G rollouts)."""
         rows = np.asarray(rows, dtype=np.int64)
         lens = np.array([len(s) for s in spans], dtype=np.int64)
         start = self.lengths[rows]
@@ -606,7 +608,8 @@ class Decoder:
                           use_cache=False).last_hidden_state[0]
         self.lengths[rows] += lens
         self.pos[torch.from_numpy(rows).to(dev)] += torch.from_numpy(lens).to(dev)
-        return final_logits(self.model, h[torch.as_tensor(at, dtype=torch.long, device=dev)])
+        h = h[torch.as_tensor(at, dtype=torch.long, device=dev)]
+        return h if hidden else final_logits(self.model, h)
 
     def _ragged_groups(self, rows, lens, first, start):
         """Rows grouped by span length (powers of two), each group's spans padded to its longest: the
