@@ -8,13 +8,16 @@ must move (weights + the KV cache it reads + logits), to say how close the sampl
 
 E-step (--estep): estep.py's own loop on minicode at --estep-batch traces x 8 rollouts, the median time
 of an update's phases (rollout, rewards, training) and the time to annotate --estep-annotate traces;
-with --profile, where the time goes (the functions with the most cumulative time).
+with --profile, where the time goes (the functions with the most cumulative time); with
+--baseline-commit C, the same loop of commit C's files, alternating with ours in one run, and the ratio.
 
     python bench.py                                   # CPU, tiny preset
     python bench.py --model smollm2 --prompts 64 --n 4,10 --max-new-tokens 128   # GPU
     python bench.py --estep --model minicode-base --profile                       # the E-step update
+    python bench.py --estep --model minicode-base --baseline-commit 431c937        # and its speed-up over 431c937
 """
 import argparse
+import contextlib
 import json
 import sysconfig
 import time
@@ -36,10 +39,18 @@ parser.add_argument("--estep", action="store_true", help="time the E-step instea
 parser.add_argument("--estep-batch", type=int, default=16, help="--estep: traces per update (B; G = 8)")
 parser.add_argument("--estep-steps", type=int, default=6, help="--estep: updates timed")
 parser.add_argument("--estep-annotate", type=int, default=1000, help="--estep: traces annotated")
+parser.add_argument("--baseline-commit", default=None,
+                    help="--estep: also time this commit's estep.py (e.g. 431c937) in the same run, print the ratio")
+parser.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's); 1 keeps timings sane on a machine shared with other jobs")
+parser.add_argument("--estep-repeats", type=int, default=1, help="--estep: runs of each, alternating; the best kept")
 parser.add_argument("--out", default=None, help="write bench.json here")
 args = parser.parse_args()
 
 import torch  # noqa: E402
+
+if args.threads:
+    torch.set_num_threads(args.threads)
 
 import data as D  # noqa: E402
 import model as M  # noqa: E402
@@ -188,32 +199,107 @@ def bench_scorer(mdl, tok, results):
             print(line, flush=True)
 
 
-def bench_estep(results):
-    """estep.py's loop itself (no copy of it here): the phases' median seconds over the updates, from its
-    metrics.jsonl, and the annotation's seconds, from its summary."""
-    import cProfile
-    import pstats
-    import statistics
-    import tempfile
+# one E-step run in a subprocess whose sys.path starts at `root` (this tree, or a baseline commit's files), so
+# that `import estep` and the `model` it imports are that tree's; flags its parser lacks are dropped
+ESTEP_WORKER = """
+import cProfile, io, json, pstats, statistics, sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+import estep
+torch.set_num_threads({threads})
+argv, known, kept = {argv!r}, {{a for x in estep.parser._actions for a in x.option_strings}}, []
+for i, x in enumerate(argv):
+    if x.startswith("--") and x not in known:
+        continue
+    if not x.startswith("--") and argv[i - 1] not in known:
+        continue
+    kept.append(x)
+spent, annotate = [], estep.annotate
+def timed_annotate(*a, **k):
+    t = time.perf_counter()
+    out = annotate(*a, **k)
+    spent.append(time.perf_counter() - t)
+    return out
+estep.annotate = timed_annotate
+with tempfile.TemporaryDirectory() as out:
+    prof = cProfile.Profile() if {profile} else None
+    args = estep.parser.parse_args(kept + ["--out", out])
+    prof.runcall(estep.main, args) if prof else estep.main(args)
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+rows = [r for r in rows if "rollout_s" in r]
+res = {{k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "reward_s", "train_s")}}
+res.update(updates=len(rows), annotate_s=sum(spent), annotate_mode=getattr(args, "annotate", None), flags=kept)
+if prof:
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    print(text.getvalue(), file=sys.stderr)
+print("RESULT " + json.dumps(res))
+"""
 
-    import estep
-    with tempfile.TemporaryDirectory() as out:
-        argv = ["--model", args.model, "--batch-traces", str(args.estep_batch), "--group", "8",
-                "--steps", str(args.estep_steps), "--eval-traces", "0", "--annotate-limit", str(args.estep_annotate),
-                "--out", out]
-        profile = cProfile.Profile() if args.profile else None
-        run = profile.runcall if profile else (lambda f, *a: f(*a))
-        summary = run(estep.main, estep.parser.parse_args(argv))
-        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    phases = {k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "reward_s", "train_s")}
-    results["estep"] = dict(batch=args.estep_batch, group=8, updates=len(rows), **phases,
-                            update_s=sum(phases.values()), annotate_s=summary["annotate_s"],
-                            annotated=args.estep_annotate)
-    print(f"E-step update at B={args.estep_batch}, G=8: {sum(phases.values()):.2f} s (rollout "
-          f"{phases['rollout_s']:.2f}, rewards {phases['reward_s']:.2f}, training {phases['train_s']:.2f}); "
-          f"annotating {args.estep_annotate} traces: {summary['annotate_s']:.1f} s", flush=True)
+
+def estep_run(root, profile=False):
+    """estep.py's own loop from the tree at `root`: median phases of an update and the annotation's seconds."""
+    import subprocess
+    import sys
+    argv = ["--model", args.model, "--batch-traces", str(args.estep_batch), "--group", "8",
+            "--steps", str(args.estep_steps), "--eval-traces", "0", "--annotate-limit", str(args.estep_annotate)]
+    code = ESTEP_WORKER.format(root=str(root), argv=argv, profile=profile, threads=torch.get_num_threads())
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"E-step run in {root} failed:\n{done.stderr[-3000:]}")
     if profile:
-        pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
+        print(done.stderr[done.stderr.find("   Ordered by"):], flush=True)
+    res = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    res["update_s"] = res["rollout_s"] + res["reward_s"] + res["train_s"]
+    return res
+
+
+@contextlib.contextmanager
+def checkout(commit):
+    """The files of `commit` in a temporary directory (git archive: the repository is left as it is)."""
+    import subprocess
+    import tempfile
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as d:
+        tar = subprocess.run(["git", "-C", str(here), "archive", commit], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", d], input=tar, check=True)
+        yield Path(d)
+
+
+def describe(name, r):
+    return (f"{name}: update {r['update_s']:.2f} s (rollout {r['rollout_s']:.2f}, rewards {r['reward_s']:.2f}, "
+            f"training {r['train_s']:.2f}); annotating {args.estep_annotate} traces ({r['annotate_mode']}): "
+            f"{r['annotate_s']:.1f} s")
+
+
+def bench_estep(results):
+    """estep.py's loop itself (no copy of it here), each run in its own process: the phases' median seconds
+    over the updates, from its metrics.jsonl, and the seconds spent in estep.annotate. With
+    --baseline-commit, that commit's estep.py runs the same way, alternating with ours (--estep-repeats
+    times each, the best of each kept), and the ratios are printed: one machine, one run, one load."""
+    here = Path(__file__).resolve().parent
+    ours, base = [], []
+    with (checkout(args.baseline_commit) if args.baseline_commit else contextlib.nullcontext()) as old:
+        for k in range(args.estep_repeats):
+            if old is not None:
+                base.append(estep_run(old))
+                print(describe(f"baseline {args.baseline_commit}, run {k + 1}", base[-1]), flush=True)
+            ours.append(estep_run(here, profile=args.profile and k == 0))
+            print(describe(f"this tree, run {k + 1}", ours[-1]), flush=True)
+    best = lambda runs, key: min(r[key] for r in runs)  # noqa: E731  (the least disturbed run)
+    keys = ("update_s", "rollout_s", "reward_s", "train_s", "annotate_s")
+    results["estep"] = dict(batch=args.estep_batch, group=8, annotated=args.estep_annotate, runs=ours,
+                            **{k: best(ours, k) for k in keys})
+    print(f"E-step update at B={args.estep_batch}, G=8: {results['estep']['update_s']:.2f} s; annotating "
+          f"{args.estep_annotate} traces: {results['estep']['annotate_s']:.1f} s", flush=True)
+    if base:
+        results["baseline"] = dict(commit=args.baseline_commit, runs=base, **{k: best(base, k) for k in keys})
+        ratio = {k: best(base, k) / best(ours, k) for k in keys}
+        results["speedup"] = ratio
+        print(f"speed-up against {args.baseline_commit} (its time / ours, best of {args.estep_repeats}): update "
+              f"{ratio['update_s']:.2f}x (rollout {ratio['rollout_s']:.2f}x, rewards {ratio['reward_s']:.2f}x, "
+              f"training {ratio['train_s']:.2f}x); annotation {ratio['annotate_s']:.2f}x", flush=True)
 
 
 def main():

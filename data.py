@@ -117,8 +117,9 @@ def indentation(action):
 
 
 def latent_line(action, latent):
-    """The comment line for latent text `latent` before `action`, at the action's indentation."""
-    text = latent.strip()
+    """The comment line for latent text `latent` before `action`, at the action's indentation. Whitespace
+    at its end stays (a sampled comment that ends in a tab was scored with it), line breaks go."""
+    text = latent.lstrip().rstrip("\r\n")
     if "\n" in text or "\r" in text:
         raise ValueError(f"a latent is one line, got {latent!r}")
     if not text.startswith("#"):

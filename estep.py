@@ -25,6 +25,9 @@ used (the expert's line is forced instead). So P(think) = sum of q over one toke
 P(think), from one softmax. A comment then runs until q emits any newline-bearing token (that event has
 the probability of the whole newline set; its token is not used) or L tokens. Every probability the
 policy gradient uses is recomputed on the same tokens in `policy_loss`, and the tests check the two agree.
+Rollouts do not feed the expert's tokens one at a time: a row feeds its next lines at once as if q chose
+<act> at each, samples those decisions in order, and keeps the lines up to its first <think> (speculative
+teacher forcing, `_rollout_chunk`): every decision is still drawn from q's exact conditional.
 
     python estep.py                                  # minicode-base on minicode mid-training traces
     python estep.py --q runs/estep/q --steps 0 --annotate gain   # annotate again with a trained q
@@ -239,6 +242,9 @@ class Rollout:
     cut: list = None                                        # per action: comment stopped at L tokens
 
 
+LOOKAHEAD = 4  # lines a row speculates past its next decision (see _rollout_chunk; LOG.md 2026-12-01)
+
+
 def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_rows=512):
     """G rollouts of every plan; returns rollouts in plan-major order (row i * G + j)."""
     out = []
@@ -252,46 +258,82 @@ def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_row
 
 
 def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen):
-    device = next(q.parameters()).device
+    """Speculative teacher forcing. The expert lines are known, so a row at line t feeds, in one forward,
+    its next LOOKAHEAD lines as if q chose <act> at each (Decoder.feed: every row's span in one ragged
+    forward), and reads q's decision at each of their line starts from it. The decisions are then sampled
+    in order up to the first <think>: each one before it was sampled from its exact conditional (its
+    history is the all-act prefix that was fed), so those lines are accepted at once, and the row's KV
+    cache is cut back to that <think>. Its comment is sampled token by token (one token a forward), then
+    the row speculates again. A row takes about 1 + sum over its comments of (length + 1) forwards (plus
+    one per LOOKAHEAD lines without a comment), not one a token. LOOKAHEAD bounds the tokens fed in vain
+    after a <think>: on CPU, where a forward costs its tokens, 3-4 lines beat the whole trace (LOG.md)."""
     rows = [Rollout(p, latents=[None] * len(p.actions), cut=[False] * len(p.actions)) for p in plans for _ in range(group)]
     max_len = max(p.max_len(max_latent, units.newline) for p in plans)
     dec = M.Decoder(q, len(rows), -(-max_len // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET)
     walkers = [_walk(r, units, sets, max_latent) for r in rows]
-    requests = [next(w) for w in walkers]  # what each row needs: ("feed", token) or ("sample", mask or None)
-    logits = dec.prefill([p.prompt for p in plans], fanout=group)
-    live = np.ones(len(rows), bool)
+    carry = dec.prefill([p.prompt for p in plans], fanout=group).clone()  # each row's logits after its last token
+    requests = [next(w) for w in walkers]  # ("feed", tokens, decisions), ("sample", None) or ("done", None)
     with torch.inference_mode():
-        while live.any():
-            mask_ids = torch.tensor([r[1] if r[0] == "sample" and r[1] is not None else 0 for r in requests],
-                                    device=device)
-            tokens, logq = M.pick_tokens(logits, temperature, 1.0, gen)
-            scaled = logits / temperature
-            lse = torch.logsumexp(scaled, dim=-1)
-            in_think = torch.logsumexp(scaled.masked_fill(~sets.masks[mask_ids], float("-inf")), dim=-1) - lse
-            in_newline = torch.logsumexp(scaled.masked_fill(~sets.drop_end, float("-inf")), dim=-1) - lse
-            tokens, logq, in_think, in_newline = (x.cpu().numpy() for x in (tokens, logq, in_think, in_newline))
-            feed = np.zeros(len(rows), np.int64)
-            for i, w in enumerate(walkers):
-                if not live[i]:
-                    continue
-                req = requests[i]
-                while req[0] == "sample":  # a choice at this position; it may end in feeding a forced token
-                    answer = (int(tokens[i]), float(logq[i]), float(in_think[i]), float(in_newline[i]))
-                    req = w.send(answer)
-                if req[0] == "done":
-                    live[i] = False
-                    continue
-                feed[i] = req[1]
-                requests[i] = next(w)
-            if not live.any():
+        while True:
+            # comment tokens: sampled from each row's last logits
+            need = [i for i, r in enumerate(requests) if r[0] == "sample"]
+            if need:
+                answers = _sample(carry[need], None, sets, temperature, gen)
+                for i, ans in zip(need, answers):
+                    requests[i] = _next(walkers[i], dec, i, ans)
+            fed = [i for i, r in enumerate(requests) if r[0] == "feed"]
+            if not fed:
                 break
-            logits = dec.step(torch.from_numpy(feed).to(device), live.copy())
+            spans = [requests[i][1] for i in fed]
+            ends = np.cumsum([len(x) for x in spans])
+            # logits wanted: before each decision (j >= 1: after span token j - 1; j = 0: the carry), and the last
+            at, where, masks, owner = [], [], [], []
+            for k, i in enumerate(fed):
+                for j, mask in requests[i][2]:
+                    where.append(len(fed) + len(at) if j else k)  # into cat(carry of fed rows, logits at `at`)
+                    if j:
+                        at.append(ends[k] - len(spans[k]) + j - 1)
+                    masks.append(mask)
+                    owner.append(k)
+            old = carry[fed]
+            logits = dec.feed(fed, spans, list(ends - 1) + at)
+            carry[fed] = logits[:len(fed)]
+            picks = [[] for _ in fed]
+            if where:
+                pool = torch.cat([old, logits[len(fed):]])
+                for k, ans in zip(owner, _sample(pool[where], masks, sets, temperature, gen)):
+                    picks[k].append(ans)
+            for k, i in enumerate(fed):
+                requests[i] = _next(walkers[i], dec, i, picks[k])
     return rows
 
 
+def _sample(logits, masks, sets, temperature, gen):
+    """Per row of logits: (sampled token, its log q, log q(think set `masks[k]`), log q(drop_end set))."""
+    mask_ids = torch.tensor(masks if masks is not None else [0] * len(logits), device=logits.device)
+    tokens, logq = M.pick_tokens(logits, temperature, 1.0, gen)
+    scaled = logits / temperature
+    lse = torch.logsumexp(scaled, dim=-1)
+    in_think = torch.logsumexp(scaled.masked_fill(~sets.masks[mask_ids], float("-inf")), dim=-1) - lse
+    in_newline = torch.logsumexp(scaled.masked_fill(~sets.drop_end, float("-inf")), dim=-1) - lse
+    cols = (x.cpu().numpy() for x in (tokens, logq, in_think, in_newline))
+    return [(int(a), float(b), float(c), float(d)) for a, b, c, d in zip(*cols)]
+
+
+def _next(walker, dec, i, answer):
+    """Send a row's walker its answer; carry out its rewinds; return its next request."""
+    req = walker.send(answer)
+    while req[0] == "rewind":
+        dec.rewind(i, req[1])
+        req = next(walker)
+    return req
+
+
 def _walk(row, units, sets, max_latent):
-    """One rollout as a coroutine: yields ("feed", token) for every token it feeds and ("sample", mask)
-    where q chooses; receives (sampled token, its log q, log q(think set), log q(drop_end set))."""
+    """One rollout as a coroutine. Yields ("feed", tokens, decisions) to feed a span, where decisions are
+    (j, think mask) for the line starts in it, decided by the logits after span token j - 1 (j = 0: after
+    the row's last token); receives one (sampled token, log q, log q(think set), log q(drop_end set)) per
+    decision. Yields ("rewind", n) to drop the last n tokens fed, ("sample", None) for a comment token."""
     plan = row.plan
 
     def fed(token, role, line):
@@ -302,54 +344,65 @@ def _walk(row, units, sets, max_latent):
     def position():  # index in the whole document (prompt + fed) of the last token fed
         return len(plan.prompt) + len(row.ids) - 1
 
-    for t, a in enumerate(plan.actions):
-        for token in a.lead:
-            yield ("feed", token)
-            fed(token, LEAD, t)
-        for token in a.prefix:
-            yield ("feed", token)
-            fed(token, PREFIX, t)
-        token, logq, log_think, _ = yield ("sample", a.think_mask)
-        if not sets.rows[a.think_mask][token]:  # <act>: the token is not used, the code line is forced
-            row.events.append((NOT_IN_SET, position(), a.think_mask, t, math.log(max(-math.expm1(log_think), 1e-30))))
-            for token in a.rest:
-                yield ("feed", token)
-                fed(token, CODE, t)
+    lookahead = LOOKAHEAD
+    t, pending = 0, []  # next line to decide; tokens fed before its decision (the end of the last comment)
+    while True:
+        span, decisions = list(pending), []  # the next `lookahead` lines with <act> at every line
+        end = min(t + lookahead, len(plan.actions))
+        for u in range(t, end):
+            a = plan.actions[u]
+            span += [(x, LEAD, u) for x in a.lead] + [(x, PREFIX, u) for x in a.prefix]
+            decisions.append((len(span), u))
+            span += [(x, CODE, u) for x in a.rest]
+        if end == len(plan.actions):
+            span += [(x, CODE, len(plan.actions) - 1) for x in plan.suffix]
+        answers = yield ("feed", [x[0] for x in span], [(j, plan.actions[u].think_mask) for j, u in decisions])
+        kept, think = 0, None
+        for (j, u), (token, logq, log_think, _) in zip(decisions, answers):
+            for x in span[kept:j]:
+                fed(*x)
+            kept = j
+            if sets.rows[plan.actions[u].think_mask][token]:
+                think = (u, token, logq)
+                break
+            row.events.append((NOT_IN_SET, position(), plan.actions[u].think_mask, u,
+                               math.log(max(-math.expm1(log_think), 1e-30))))
+        if think is None:  # <act> at every line of it: the whole span stands
+            for x in span[kept:]:
+                fed(*x)
+            if end == len(plan.actions):
+                break
+            t, pending = end, []
             continue
-        comment = []  # <think>: the token is the comment's first
+        yield ("rewind", len(span) - kept)
+        u, token, logq = think
+        a = plan.actions[u]
+        comment, pending = [], []  # <think>: the token is the comment's first
         while True:
-            row.events.append((TOKEN, position(), token, t, logq))
-            yield ("feed", token)
-            fed(token, COMMENT, t)
+            row.events.append((TOKEN, position(), token, u, logq))
+            yield ("feed", [token], [])
+            fed(token, COMMENT, u)
             comment.append(token)
             if len(comment) >= max_latent:
-                row.cut[t] = True
+                row.cut[u] = True
                 break
             token, logq, _, log_drop = yield ("sample", None)
-            if sets.keep_end[token]:  # the comment's last token, newline included
-                row.events.append((TOKEN, position(), token, t, logq))
-                yield ("feed", token)
-                fed(token, COMMENT, t)
+            if sets.keep_end[token]:  # the comment's last token, newline included (fed with the next span)
+                row.events.append((TOKEN, position(), token, u, logq))
+                pending.append((token, COMMENT, u))
                 comment.append(token)
                 break
             if sets.ends[token]:  # ends it too, but its token is not used (the next unit brings the newline)
-                row.events.append((IN_SET, position(), -1, t, log_drop))
+                row.events.append((IN_SET, position(), -1, u, log_drop))
                 comment.append(None)
                 break
         ended_with_newline = comment[-1] is not None and sets.keep_end[comment[-1]]
         comment = [c for c in comment if c is not None]
-        row.latents[t] = units.tok.decode(a.prefix + comment).strip()
-        for token in (units.newline if not units.newline_first and not ended_with_newline else []):
-            yield ("feed", token)
-            fed(token, NEWLINE, t)
-        for token in a.full:
-            yield ("feed", token)
-            fed(token, CODE, t)
-    for token in plan.suffix:
-        yield ("feed", token)
-        fed(token, CODE, len(plan.actions) - 1)
+        row.latents[u] = units.tok.decode(a.prefix + comment).lstrip().rstrip("\n")  # as fed: D.latent_line
+        pending += [(x, NEWLINE, u) for x in (units.newline if not units.newline_first and not ended_with_newline else [])]
+        pending += [(x, CODE, u) for x in a.full]
+        t = u + 1
     yield ("done", None)
-
 
 
 def forced_rollout(units, sets, plan, latents):
@@ -370,7 +423,17 @@ def forced_rollout(units, sets, plan, latents):
     walk, script = _walk(row, units, sets, max_latent=10 ** 9), iter(answers)
     request = next(walk)
     while request[0] != "done":
-        request = walk.send((next(script), 0.0, 0.0, 0.0)) if request[0] == "sample" else next(walk)
+        if request[0] == "sample":
+            request = walk.send((next(script), 0.0, 0.0, 0.0))
+        elif request[0] == "feed":
+            said = []  # the script's decisions up to its first <think>; the walk reads no further
+            for _, mask in request[2]:
+                said.append((next(script), 0.0, 0.0, 0.0))
+                if sets.rows[mask][said[-1][0]]:
+                    break
+            request = walk.send(said)
+        else:
+            request = next(walk)
     return row
 
 
@@ -390,10 +453,39 @@ def pack_rollouts(rollouts, row_len=None):
     return packed, starts
 
 
+def shared_prompt_hidden(model, rollouts):
+    """pi's hidden states over rollouts, each group's prompt computed once: consecutive rollouts of one plan
+    (the G of a trace) are prefilled with fanout G, then every rollout's own tokens go through one ragged
+    forward (Decoder.feed) attending to its prompt's K/V. Returns (hidden [n, H], where): where(i, p) is
+    the row of `hidden` for rollout i at document position p >= len(prompt) - 1 (none earlier is needed:
+    the first decision is made there)."""
+    runs = [1]
+    for a, b in zip(rollouts, rollouts[1:]):
+        if b.plan is a.plan:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    fanout = runs[0] if len(set(runs)) == 1 else 1  # uneven groups: every prompt its own
+    prompts = [r.plan.prompt for r in rollouts[::fanout]]
+    longest = max(len(r.plan.prompt) + len(r.ids) for r in rollouts)
+    dec = M.Decoder(model, len(rollouts), longest, cuda_graphs=False)
+    dec.prefill(prompts, fanout=fanout)
+    lens = [len(r.ids) for r in rollouts]
+    starts = np.cumsum(lens) - lens
+    h = dec.feed(list(range(len(rollouts))), [r.ids for r in rollouts], list(range(sum(lens))), hidden=True)
+    hidden = torch.cat([dec.last_hidden, h])
+
+    def where(i, p):
+        n_prompt = len(rollouts[i].plan.prompt)
+        return i if p == n_prompt - 1 else len(rollouts) + starts[i] + p - n_prompt
+    return hidden, where
+
+
 def rewards(pi, sets, rollouts, penalty, micro_rows):
-    """r_t = log pi(a_t | s_t, z_t) - c [z_t = think] for every action of every rollout, from one packed
-    pass of pi per micro-batch. Both branches score what comes before the decision (the action's lead and
-    the prefix its code shares with a comment line: the same tokens in the same context either way). Then
+    """r_t = log pi(a_t | s_t, z_t) - c [z_t = think] for every action of every rollout, from one pass of
+    pi per micro-batch (each trace's prompt once for its rollouts: `shared_prompt_hidden`). Both branches
+    score what comes before the decision (the action's lead and the prefix its code shares with a comment
+    line: the same tokens in the same context either way). Then
     <think> scores the code line after the comment; <act> scores the rest of the code line given that no
     comment starts here: its tokens minus log pi(act | s_t), i.e. the first one's probability renormalised
     over the tokens that do not begin a comment. Without that term every <act> would be docked by pi's own
@@ -403,23 +495,23 @@ def rewards(pi, sets, rollouts, penalty, micro_rows):
     out = []
     for chunk in range(0, len(rollouts), micro_rows):
         part = rollouts[chunk:chunk + micro_rows]
-        packed, starts = pack_rollouts(part)
-        ids, pos, doc = (x.to(device) for x in (packed.input_ids, packed.position_ids, packed.doc_ids))
-        acts = [(i, line, starts[i][0], starts[i][1] + p, mask) for i, r in enumerate(part)
+        hidden, where = shared_prompt_hidden(pi, part)
+        before = [where(i, len(r.plan.prompt) + k - 1) for i, r in enumerate(part) for k in range(len(r.ids))]
+        targets = torch.tensor([x for r in part for x in r.ids], device=device)
+        acts = [(i, line, where(i, p), mask) for i, r in enumerate(part)
                 for kind, p, mask, line, _ in r.events if kind == NOT_IN_SET]
-        with torch.no_grad(), M.autocast(device):
-            hidden = M.packed_hidden(pi, ids, pos, doc)
-            lp = M.hidden_logprobs(pi, hidden, ids, doc)
+        with torch.no_grad():
+            lp = M.chunked_logprobs(pi, hidden[torch.tensor(before, device=device)], targets)
             act_lp = torch.zeros(0)
             if acts:
-                where = torch.tensor([(row, col, mask) for _, _, row, col, mask in acts], device=device)
-                act_lp = event_logprobs(pi, sets, hidden[where[:, 0], where[:, 1]],
-                                        torch.full((len(acts),), NOT_IN_SET, device=device), where[:, 2], 1.0)
+                at = torch.tensor([(h, mask) for _, _, h, mask in acts], device=device)
+                act_lp = event_logprobs(pi, sets, hidden[at[:, 0]], torch.full((len(acts),), NOT_IN_SET, device=device),
+                                        at[:, 1], 1.0)
         lp, act_lp = lp.float().cpu().numpy(), act_lp.float().cpu().numpy()
+        first = 0
         for i, r in enumerate(part):
-            row, col = starts[i]
-            n_prompt = len(r.plan.prompt)
-            token_lp = lp[row, col + n_prompt:col + n_prompt + len(r.ids)]
+            token_lp = lp[first:first + len(r.ids)]
+            first += len(r.ids)
             roles, lines = np.array(r.roles), np.array(r.lines)
             expert = (roles == LEAD) | (roles == PREFIX) | (roles == CODE)
             reward = np.bincount(lines[expert], weights=token_lp[expert], minlength=len(r.latents))

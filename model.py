@@ -438,6 +438,9 @@ class KVCache:
     mode 'prefill': the forward holds `fanout`-times fewer rows than the cache (the unique prompts); each
     prompt's K/V is written to its `fanout` consecutive cache rows, so a shared prompt is computed once.
     mode 'decode': one new token per row, written at `pos[row]`; attention_mask says which slots to read.
+    mode 'ragged': a span of tokens per fed row, all spans concatenated into one sequence of N tokens (batch
+    1, so the linear layers see N tokens and no padding); token i is written at (row[i], pos[i]) and attends
+    to its own row up to pos[i]. Attention pads the spans per `groups` (rows of similar span length).
     """
 
     def __init__(self, rows, max_len):
@@ -451,6 +454,8 @@ class KVCache:
             self.k[layer] = torch.zeros(shape, dtype=key.dtype, device=key.device)  # zeros: never NaN under a mask
             self.v[layer] = torch.zeros(shape, dtype=value.dtype, device=value.device)
         kc, vc = self.k[layer], self.v[layer]
+        if self.mode == "ragged":
+            return self._attend_ragged(kc, vc, query, key, value, scaling)
         if self.mode == "prefill":
             n, q = key.shape[0] * self.fanout, key.shape[2]
             kc[:n, :, :q] = key.repeat_interleave(self.fanout, dim=0)
@@ -468,6 +473,21 @@ class KVCache:
         q = query.reshape(b, hkv, h // hkv, d)
         out = F.scaled_dot_product_attention(q, kc[:, :, :t], vc[:, :, :t], attn_mask=mask[..., :t], scale=scaling)
         return out.reshape(b, h, 1, d).transpose(1, 2), None
+
+    def _attend_ragged(self, kc, vc, query, key, value, scaling):
+        kc[self.row, :, self.pos] = key[0].transpose(0, 1)  # [N, kv_heads, head_dim] to (row, pos) each
+        vc[self.row, :, self.pos] = value[0].transpose(0, 1)
+        out = torch.empty_like(query[0])  # [heads, N, head_dim]
+        h, hkv = query.shape[1], kc.shape[1]
+        for rows, index, valid, mask, t in self.groups:  # spans of one group padded to its longest
+            q = query[0][:, index].transpose(0, 1)  # [R, heads, k, head_dim]
+            r, _, k, d = q.shape
+            # each kv head serves its group of query heads as one batch of queries (no K/V copied per head)
+            q = q.reshape(r, hkv, (h // hkv) * k, d)
+            m = mask.expand(r, h // hkv, k, t).reshape(r, 1, (h // hkv) * k, t)
+            o = F.scaled_dot_product_attention(q, kc[rows, :, :t], vc[rows, :, :t], attn_mask=m, scale=scaling)
+            out[:, index[valid]] = o.reshape(r, h, k, d).transpose(0, 1)[:, valid]
+        return out.transpose(0, 1)[None], None
 
 
 def model_max_len(model):
@@ -527,6 +547,7 @@ class Decoder:
             h = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                           use_cache=False).last_hidden_state
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]
+        self.last_hidden = last.repeat_interleave(fanout, dim=0)  # for callers that score (Decoder.feed)
         self.logits = final_logits(self.model, last).repeat_interleave(fanout, dim=0)
         self.pos.copy_(lens.repeat_interleave(fanout))
         self.lengths[:] = self.pos.cpu().numpy()
@@ -560,6 +581,53 @@ class Decoder:
         self.pos += advance
         self.lengths += live
         return self.logits
+
+    @torch.inference_mode()
+    def feed(self, rows, spans, at, hidden=False):
+        """Ragged feed: spans[k] (a non-empty token list) is written at row rows[k]'s length onward, all
+        spans in one forward of sum(len(span)) tokens (no padding in the linear layers). Returns the logits
+        after the tokens at flat indices `at` of the spans' concatenation (hidden=True: the last hidden
+        states there). Used where rows feed known tokens of very different lengths at once (speculative
+        teacher forcing in estep.py's rollouts; its reward pass, a prompt once for its G rollouts)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lens = np.array([len(s) for s in spans], dtype=np.int64)
+        start = self.lengths[rows]
+        if (lens < 1).any() or (start + lens > self.max_len).any():
+            raise ValueError(f"feed: empty span, or a row past the KV cache length {self.max_len}")
+        first = np.cumsum(lens) - lens
+        pos = np.repeat(start, lens) + np.arange(lens.sum()) - np.repeat(first, lens)
+        dev = self.device
+        ids = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in spans])).to(dev)
+        pos_t = torch.from_numpy(pos).to(dev)
+        self.cache.mode, self.cache.row, self.cache.pos = "ragged", torch.from_numpy(np.repeat(rows, lens)).to(dev), pos_t
+        self.cache.groups = self._ragged_groups(rows, lens, first, start)
+        n = int(lens.sum())
+        stand_in = torch.zeros((), dtype=torch.bool, device=dev).expand(1, 1, n, n)  # attention never reads it
+        with _kv_cache(self.cache):
+            h = self.base(input_ids=ids[None], position_ids=pos_t[None], attention_mask=stand_in,
+                          use_cache=False).last_hidden_state[0]
+        self.lengths[rows] += lens
+        self.pos[torch.from_numpy(rows).to(dev)] += torch.from_numpy(lens).to(dev)
+        h = h[torch.as_tensor(at, dtype=torch.long, device=dev)]
+        return h if hidden else final_logits(self.model, h)
+
+    def _ragged_groups(self, rows, lens, first, start):
+        """Rows grouped by span length (powers of two), each group's spans padded to its longest: the
+        padded queries attend over [0, t) of their rows with a causal mask at each token's position."""
+        groups, dev = [], self.device
+        bucket = np.ceil(np.log2(lens)).astype(np.int64)
+        for b in np.unique(bucket):
+            g = np.nonzero(bucket == b)[0]
+            k = int(lens[g].max())
+            offs = np.arange(k)
+            valid = offs[None, :] < lens[g, None]
+            index = np.where(valid, first[g, None] + offs[None, :], 0)
+            qpos = np.where(valid, start[g, None] + offs[None, :], 0)
+            t = int((start[g] + lens[g]).max())
+            mask = torch.from_numpy(np.arange(t)[None, None, :] <= qpos[:, :, None]).to(dev)[:, None]
+            groups.append((torch.from_numpy(rows[g]).to(dev), torch.from_numpy(index).to(dev),
+                           torch.from_numpy(valid).to(dev), mask, t))
+        return groups
 
     def rewind(self, row, n):
         self.lengths[row] -= n

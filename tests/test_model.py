@@ -287,6 +287,31 @@ def test_decoder_rewind_equals_a_fresh_run():
     assert torch.allclose(got[0], want, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_decoder_feed_of_ragged_spans_equals_plain_forwards(preset):
+    """Decoder.feed: spans of different lengths for different rows in one forward, then a rewind and a
+    second feed, give every row's logits of a plain forward over its whole text."""
+    mdl, tok = tiny(preset)
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    code = tok.encode("    y = [x + 1 for x in range(10)]\n    return y\n", add_special_tokens=False)
+    dec = M.Decoder(mdl, rows=4, max_len=256, cuda_graphs=False)
+    dec.prefill(prompts, fanout=2)
+    spans = [code[:1], code[:7], code[:12], code[:3]]  # rows 0, 1 (prompt 0), 2, 3 (prompt 1)
+    ends = M.np.cumsum([len(s) for s in spans])
+    got = dec.feed([0, 1, 2, 3], spans, [int(e) - 1 for e in ends] + [ends[1] - 4])
+    dec.rewind(2, 5)  # row 2 keeps code[:7], then takes other tokens
+    more = code[12:15]
+    again = dec.feed([2, 1], [more, code[7:9]], [2, 4])
+    with torch.no_grad():
+        def last(ids, back=1):
+            return mdl(input_ids=torch.tensor([ids])).logits[0, -back]
+        want = [last(prompts[0] + spans[0]), last(prompts[0] + spans[1]), last(prompts[1] + spans[2]),
+                last(prompts[1] + spans[3]), last(prompts[0] + spans[1], back=4),
+                last(prompts[1] + code[:7] + more), last(prompts[0] + code[:9])]
+    for g, w in zip(list(got) + list(again), want):
+        assert torch.allclose(g, w, atol=1e-4), (g - w).abs().max()
+
+
 # ---- scorer ----------------------------------------------------------------------------------------------
 
 def packed_rows(tok, width=40):
