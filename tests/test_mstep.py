@@ -184,7 +184,7 @@ def test_packed_loss_equals_unpacked():
 
 def test_steps_0_scores_expert_code_like_an_unpacked_loop(tmp_path):
     """--steps 0 --eval-share 1 --mask-prompt: the cross-entropy of a model on the code of a corpus."""
-    traces = [t.trace for t in minicode.tasks(**minicode.SPLITS["minicode-heldout"])[:7]]
+    traces = [t.trace for t in minicode.split_tasks(minicode.DEFAULT_WORLD, "heldout")[:7]]
     D.write_traces(tmp_path / "t.jsonl", traces)
     summary = mstep.main(mstep.parser.parse_args(["--model", "minicode-base", "--data", str(tmp_path / "t.jsonl"),
                                                   "--steps", "0", "--eval-share", "1", "--mask-prompt",
