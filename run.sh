@@ -47,7 +47,7 @@ while [ $# -gt 0 ]; do
     --fresh) FRESH=1; shift ;;    # redo stages that finished with other settings or code
     --long) SIZE=long; shift ;;
     --tiny) SIZE=tiny; shift ;;   # a smoke test of the wiring (CI), not an experiment
-    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,25p "$0"; exit 0 ;;
     *) echo "run.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
