@@ -79,7 +79,7 @@ def models_table(seeds, target):
     if len(seeds) > 1:
         for n in MODELS:
             rows = [table[d.name, n] for d in seeds if (d.name, n) in table]
-            if not rows:
+            if len(rows) < 2:  # a seed still running has no row yet
                 continue
             cells = [f"reached in {sum(isinstance(r[c], int) for r in rows)}/{len(rows)}" if c.startswith("RLVR steps")
                      else mean_sd([r[c] for r in rows]) for c in cols]
