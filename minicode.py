@@ -508,7 +508,7 @@ def names(kind="split"):
 
 
 def split_tasks(world, split):
-    """A named split's tasks. The plain world's heldout keeps its first test set, dev compositions included."""
+    """A named split's tasks. The plain world's heldout keeps its first test set, drawn before dev existed."""
     spec = dict(SPLITS[split])
     if world == "plain" and split == "heldout":
         spec["held_out"] = True
