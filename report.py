@@ -65,7 +65,7 @@ def fmt(v):
 
 
 def mean_sd(values):
-    values = [v for v in values if v == v]
+    values = [v for v in values if v is not None and v == v]  # None: nothing to measure (no comments)
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else "-"
 
 
