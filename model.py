@@ -1379,7 +1379,10 @@ class MetricsLog:
         if not is_main():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.path, start) if start else self.path.write_text("")
+        if start:
+            truncate_metrics(self.path, start)
+        else:
+            self.path.write_text("")
         if getattr(args, "wandb", None):
             import wandb
             self.run = wandb.init(project=args.wandb, name=self.path.parent.name, config=vars(args),
@@ -1397,6 +1400,7 @@ class MetricsLog:
     def close(self):
         if self.run is not None:
             self.run.finish()
+
 
 if __name__ == "__main__":
     model, tok = load_model(ARGS.model)
