@@ -43,6 +43,8 @@ parser.add_argument("--baseline-commit", default=None,
                     help="--estep: also time this commit's estep.py (e.g. 431c937) in the same run, print the ratio")
 parser.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 keeps timings sane on a machine shared with other jobs")
+parser.add_argument("--cpu-bf16", action="store_true",
+                    help="--estep: run estep.py with --cpu-bf16 (a baseline commit without that flag runs in fp32)")
 parser.add_argument("--estep-repeats", type=int, default=1, help="--estep: runs of each, alternating; the best kept")
 parser.add_argument("--out", default=None, help="write bench.json here")
 args = parser.parse_args()
@@ -244,6 +246,7 @@ def estep_run(root, profile=False):
     import sys
     argv = ["--model", args.model, "--batch-traces", str(args.estep_batch), "--group", "8",
             "--steps", str(args.estep_steps), "--eval-traces", "0", "--annotate-limit", str(args.estep_annotate)]
+    argv += ["--cpu-bf16"] if args.cpu_bf16 else []
     code = ESTEP_WORKER.format(root=str(root), argv=argv, profile=profile, threads=torch.get_num_threads())
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     if done.returncode:

@@ -85,8 +85,19 @@ def default_device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+CPU_BF16 = False  # the trainers' --cpu-bf16: compute on CPU in bf16 too, as on GPU
+
+
+def uses_bf16(device):
+    """Does `device` compute in bf16 (frozen and sampling models in bf16, training under bf16 autocast)?
+    Always on GPU; on CPU when CPU_BF16 is set. Where the CPU multiplies bf16 natively (AVX512-BF16, AMX)
+    that halves the time of the E-step's training pass; elsewhere bf16 is emulated and slower."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and CPU_BF16)
+
+
 def default_dtype(device):
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return torch.bfloat16 if uses_bf16(device) else torch.float32
 
 
 def load_model(spec, device=None, dtype=None, seed=0):
@@ -366,15 +377,15 @@ def read_meta(path):
 # which writes k, v at each row's position and attends over that row's prefix. Static shapes make each decode
 # step a CUDA graph on GPU.
 
-_ACTIVE_CACHE = None  # the KVCache of the forward pass in flight; None: transformers' own SDPA attention
+_ACTIVE_LAYOUT = None  # the KVCache or SharedPrompts of the forward pass in flight; None: plain SDPA
 _ACTIVE_BLOCK_MASK = None  # the FlexAttention BlockMask of the packed pass in flight (compile_scorer, GPU)
 
 
 def _ra3_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    if _ACTIVE_CACHE is not None:  # inside the sampler
+    if _ACTIVE_LAYOUT is not None:  # inside the sampler, or a pass with shared prompts
         if kwargs.get("sliding_window"):
             raise NotImplementedError("sliding-window attention is not supported by the RA3 sampler")
-        return _ACTIVE_CACHE.attend(module.layer_idx, query, key, value, attention_mask, scaling)
+        return _ACTIVE_LAYOUT.attend(module.layer_idx, query, key, value, attention_mask, scaling)
     if _ACTIVE_BLOCK_MASK is not None:  # compiled packed passes on GPU: attention_mask is a stand-in
         return _flex_attend(query, key, value, _ACTIVE_BLOCK_MASK, scaling, dropout)
     # other packed passes, transformers' generate: plain SDPA with the mask given
@@ -413,13 +424,13 @@ def use_ra3_attention(model):
 
 
 @contextlib.contextmanager
-def _kv_cache(cache):
-    global _ACTIVE_CACHE
-    _ACTIVE_CACHE = cache
+def _layout(layout):
+    global _ACTIVE_LAYOUT
+    _ACTIVE_LAYOUT = layout
     try:
         yield
     finally:
-        _ACTIVE_CACHE = None
+        _ACTIVE_LAYOUT = None
 
 
 @contextlib.contextmanager
@@ -543,11 +554,10 @@ class Decoder:
         # right padding: a pad query sees the real prompt before it, never beyond; real queries never see pads
         mask = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] < lens[:, None, None])
         self.cache.mode, self.cache.fanout = "prefill", fanout
-        with _kv_cache(self.cache):
+        with _layout(self.cache):
             h = self.base(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                           use_cache=False).last_hidden_state
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]
-        self.last_hidden = last.repeat_interleave(fanout, dim=0)  # for callers that score (Decoder.feed)
         self.logits = final_logits(self.model, last).repeat_interleave(fanout, dim=0)
         self.pos.copy_(lens.repeat_interleave(fanout))
         self.lengths[:] = self.pos.cpu().numpy()
@@ -570,7 +580,7 @@ class Decoder:
         self.cache.mode = "decode"
         t_attn = min(self.max_len, -(-(int(self.lengths.max()) + 1) // self.T_BUCKET) * self.T_BUCKET)
         self.cache.pos, self.cache.t_attn = self.pos, t_attn
-        with _kv_cache(self.cache):
+        with _layout(self.cache):
             if self.use_graphs:
                 graph, out = self._graph(t_attn)
                 graph.replay()
@@ -583,12 +593,11 @@ class Decoder:
         return self.logits
 
     @torch.inference_mode()
-    def feed(self, rows, spans, at, hidden=False):
+    def feed(self, rows, spans, at):
         """Ragged feed: spans[k] (a non-empty token list) is written at row rows[k]'s length onward, all
         spans in one forward of sum(len(span)) tokens (no padding in the linear layers). Returns the logits
-        after the tokens at flat indices `at` of the spans' concatenation (hidden=True: the last hidden
-        states there). Used where rows feed known tokens of very different lengths at once (speculative
-        teacher forcing in estep.py's rollouts; its reward pass, a prompt once for its G rollouts)."""
+        after the tokens at flat indices `at` of the spans' concatenation. Used where rows feed known tokens
+        of very different lengths at once (speculative teacher forcing in estep.py's rollouts)."""
         rows = np.asarray(rows, dtype=np.int64)
         lens = np.array([len(s) for s in spans], dtype=np.int64)
         start = self.lengths[rows]
@@ -603,13 +612,12 @@ class Decoder:
         self.cache.groups = self._ragged_groups(rows, lens, first, start)
         n = int(lens.sum())
         stand_in = torch.zeros((), dtype=torch.bool, device=dev).expand(1, 1, n, n)  # attention never reads it
-        with _kv_cache(self.cache):
+        with _layout(self.cache):
             h = self.base(input_ids=ids[None], position_ids=pos_t[None], attention_mask=stand_in,
                           use_cache=False).last_hidden_state[0]
         self.lengths[rows] += lens
         self.pos[torch.from_numpy(rows).to(dev)] += torch.from_numpy(lens).to(dev)
-        h = h[torch.as_tensor(at, dtype=torch.long, device=dev)]
-        return h if hidden else final_logits(self.model, h)
+        return final_logits(self.model, h[torch.as_tensor(at, dtype=torch.long, device=dev)])
 
     def _ragged_groups(self, rows, lens, first, start):
         """Rows grouped by span length (powers of two), each group's spans padded to its longest: the
@@ -1026,6 +1034,96 @@ def hidden_logprobs(model, hidden, input_ids, doc_ids, temperature=1.0, chunk=No
     return out
 
 
+
+# ---- prompts shared by their continuations --------------------------------------------------------------
+# The E-step scores and trains on G rollouts of each trace, which share the trace's prompt (about 40% of
+# their tokens). One pass computes each prompt once: every prompt and continuation token goes through the
+# linear layers in one sequence (batch 1, no padding), and attention, which must keep a continuation apart
+# from its siblings, runs per group of similar lengths: each continuation over its prompt's K/V and its own.
+# It is differentiable: the backward sums each prompt's gradient over its continuations.
+
+class SharedPrompts:
+    """The layout of one pass over prompts and continuations; continuation r extends prompt prompt_of[r].
+    Tokens are ordered all prompts, then all continuations. at(r, p): the flat index of the token at
+    position p of continuation r's document (its prompt's for p < len(prompt))."""
+
+    def __init__(self, prompts, conts, prompt_of, device):
+        plen, clen = np.array([len(p) for p in prompts]), np.array([len(c) for c in conts])
+        if plen.min() < 1 or clen.min() < 1:
+            raise ValueError("SharedPrompts: an empty prompt or continuation")
+        self.prompt_of, self.plen = np.asarray(prompt_of, dtype=np.int64), plen
+        self.prompt_start = np.cumsum(plen) - plen
+        self.cont_start = plen.sum() + np.cumsum(clen) - clen
+        ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in [*prompts, *conts]])
+        pos = np.concatenate([np.arange(n) for n in plen] + [plen[b] + np.arange(n) for b, n in zip(self.prompt_of, clen)])
+        self.input_ids, self.position_ids = (torch.from_numpy(x)[None].to(device) for x in (ids, pos))
+        t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+        # prompts, padded to the longest: causal; a pad query sees its row's real tokens, no query sees a pad
+        offs = np.arange(plen.max())
+        p_valid = offs[None] < plen[:, None]
+        p_index = np.where(p_valid, self.prompt_start[:, None] + offs, 0)
+        p_mask = (offs[None, None, :] <= offs[None, :, None]) & p_valid[:, None, :]
+        self.prompts = (t(p_index), t(p_valid), t(p_mask[:, None]))
+        # continuations, grouped by length (powers of two) and padded within a group: the prompt's keys, then
+        # its own causally
+        self.groups = []
+        bucket = np.ceil(np.log2(clen)).astype(np.int64)
+        for b in np.unique(bucket):
+            rows = np.nonzero(bucket == b)[0]
+            offs = np.arange(clen[rows].max())
+            valid = offs[None] < clen[rows, None]
+            index = np.where(valid, self.cont_start[rows, None] + offs, 0)
+            own = (offs[None, None, :] <= offs[None, :, None]) & valid[:, None, :]
+            theirs = np.broadcast_to(p_valid[self.prompt_of[rows]][:, None, :], (len(rows), len(offs), p_valid.shape[1]))
+            mask = np.concatenate([theirs, own], axis=2)[:, None]
+            self.groups.append((t(index), t(valid), t(p_index[self.prompt_of[rows]]), t(mask)))
+
+    def at(self, r, p):
+        b = self.prompt_of[r]
+        return int(self.prompt_start[b] + p if p < self.plen[b] else self.cont_start[r] + p - self.plen[b])
+
+    def attend(self, layer, query, key, value, mask, scaling):
+        q, k, v = query[0], key[0], value[0]  # [heads, N, head_dim], [kv_heads, N, head_dim]
+        p_index, p_valid, p_mask = self.prompts
+        outs = [_grouped_sdpa(q[:, p_index], k[:, p_index], v[:, p_index], p_mask, scaling)[:, p_valid]]
+        index = [p_index[p_valid]]
+        for c_index, valid, theirs, m in self.groups:
+            keys = torch.cat([k[:, theirs], k[:, c_index]], dim=2)
+            values = torch.cat([v[:, theirs], v[:, c_index]], dim=2)
+            outs.append(_grouped_sdpa(q[:, c_index], keys, values, m, scaling)[:, valid])
+            index.append(c_index[valid])
+        o = torch.cat(outs, dim=1)
+        out = o.new_zeros(q.shape[0], q.shape[1], q.shape[2]).index_copy(1, torch.cat(index), o)
+        return out.transpose(0, 1)[None], None
+
+
+def _grouped_sdpa(q, k, v, mask, scaling):
+    """SDPA of q [heads, R, L, d] over k, v [kv_heads, R, T, d] with mask [R, 1, L, T], each kv head serving
+    its group of query heads as one batch of queries (no K/V copied per head); returns [heads, R, L, d]."""
+    h, r, n, d = q.shape
+    hkv = k.shape[0]
+    q, k, v = q.transpose(0, 1).reshape(r, hkv, (h // hkv) * n, d), k.transpose(0, 1), v.transpose(0, 1)
+    m = mask.expand(r, h // hkv, n, mask.shape[-1]).reshape(r, 1, (h // hkv) * n, mask.shape[-1])
+    if q.device.type == "cpu" and v.dtype == torch.bfloat16:
+        # torch's CPU flash kernel is slower in bf16 than in fp32 at small head sizes, while bf16 matmuls are
+        # about 4x faster than fp32 ones: scores by matmul, softmax in fp32 (LOG.md, 2026-12-01)
+        scores = torch.matmul(q.to(v.dtype), k.to(v.dtype).transpose(-1, -2)).float()
+        weights = torch.softmax((scores * (scaling or d ** -0.5)).masked_fill(~m, float("-inf")), dim=-1)
+        o = torch.matmul(weights.to(v.dtype), v)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)
+    return o.reshape(r, h, n, d).transpose(0, 1)
+
+
+def shared_prompt_hidden(model, layout):
+    """The last hidden states [N, H] of a SharedPrompts layout's tokens, each prompt computed once."""
+    use_ra3_attention(model)
+    n = layout.input_ids.shape[1]
+    stand_in = torch.zeros((), dtype=torch.bool, device=layout.input_ids.device).expand(1, 1, n, n)  # unread
+    with _layout(layout):
+        return model.base_model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                                attention_mask=stand_in, use_cache=False).last_hidden_state[0]
+
 # =====================================================================================================
 # 5. Distributed helpers
 # =====================================================================================================
@@ -1059,9 +1157,10 @@ def init_dist():
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op on CPU."""
+    """bf16 autocast where the device computes in bf16 (uses_bf16; fp32 master weights stay fp32), else a
+    no-op."""
     device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
 
 
 def close_dist():
@@ -1191,9 +1290,9 @@ def wrap_for_ranks(net, dist_info, fsdp):
 
 
 def sampling_copy(model, sharded=False):
-    """The weights a trainer samples from. On GPU, fp32 master weights get a bf16 copy: half the KV cache
-    and twice the decode speed of sampling in fp32 (sync_sampling_copy after each optimizer step). Off GPU,
-    or already in 16 bits, the model itself, unless `sharded`. Only parameters are cast: buffers such as
+    """The weights a trainer samples from. On GPU (or CPU with CPU_BF16), fp32 master weights get a bf16
+    copy: half the KV cache and twice the decode speed of sampling in fp32 (sync_sampling_copy after each
+    optimizer step). Otherwise, or already in 16 bits, the model itself, unless `sharded`. Only parameters are cast: buffers such as
     rotary frequencies keep their precision.
 
     sharded: the trainer is about to shard `model` with FSDP (call this before wrap_for_ranks). The sampler
@@ -1205,7 +1304,7 @@ def sampling_copy(model, sharded=False):
     parameter in bf16 on GPU (16 GB for an 8B model on every rank), where unsharding for the rollouts only
     would have held 4 bytes a parameter (fp32), but only while sampling."""
     p = next(model.parameters())
-    cast = p.device.type == "cuda" and p.dtype == torch.float32
+    cast = uses_bf16(p.device) and p.dtype == torch.float32
     if not cast and not sharded:
         return model
     sampler = copy.deepcopy(model).eval().requires_grad_(False)

@@ -53,6 +53,9 @@ parser.add_argument("--fsdp", action="store_true", help="shard the model with FS
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the decoder layers and the log-softmax (default: on GPU)")
 parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
+parser.add_argument("--cpu-bf16", action="store_true", help="on CPU, compute in bf16 as on GPU (bf16 autocast and "
+                    "bf16 copies for sampling and frozen models): about 1.5x faster on CPUs with native bf16 "
+                    "(AVX512-BF16, AMX), slower on others")
 parser.add_argument("--family", default="llama", choices=["llama", "qwen2", "gpt2"], help="--init scratch: family")
 parser.add_argument("--hidden", type=int, default=192, help="--init scratch: hidden size")
 parser.add_argument("--layers", type=int, default=6, help="--init scratch: layers")
@@ -256,6 +259,7 @@ def main(args):
     if not 0 <= args.eval_share < 1 and not (args.steps == 0 and args.eval_share == 1):
         parser.error(f"--eval-share must be in [0, 1) (1 only with --steps 0), not {args.eval_share}")
     dist_info = M.init_dist()
+    M.CPU_BF16 = args.cpu_bf16
     done = M.finished_run(args.out, args, "mstep", RESUME_KEYS)
     if done is not None:
         return done

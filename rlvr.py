@@ -60,6 +60,9 @@ parser.add_argument("--resume", action="store_true",
 parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
 parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--seed", type=int, default=0, help="seed")
+parser.add_argument("--cpu-bf16", action="store_true", help="on CPU, compute in bf16 as on GPU (bf16 autocast and "
+                    "bf16 copies for sampling and frozen models): about 1.5x faster on CPUs with native bf16 "
+                    "(AVX512-BF16, AMX), slower on others")
 parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
                     "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
 if __name__ == "__main__":
@@ -355,6 +358,7 @@ def main(args):
                   above=dict(temperature=0, lr=0, timeout=0))
     M.check_wandb(parser, args)
     dist = M.init_dist()
+    M.CPU_BF16 = args.cpu_bf16
     done = M.finished_run(args.out, args, "rlvr", RESUME_KEYS)
     if done is not None:
         return done

@@ -153,12 +153,11 @@ def test_the_decision_is_a_distribution_over_act_and_think(preset, toy):
     rolls, sets, _ = rollouts_of(mdl, tok, [trace], group=600, temperature=1.0, seed=5)
     # P(think) + P(act) = 1 at the boundary, recomputed both ways from one teacher-forced pass
     first = rolls[0]
-    row_col = E.event_batch([first], None, "cpu")[0]
     decision = next(e for e in first.events if e[3] == 0 and e[0] in (E.TOKEN, E.NOT_IN_SET))
-    ids, pos, doc = row_col[:3]
+    ids = torch.tensor([first.plan.prompt + first.ids])
     mask = sets.masks[first.plan.actions[0].think_mask]
     with torch.no_grad():
-        h = mdl.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0, decision[1]]
+        h = mdl.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, decision[1]]
         p = torch.softmax(M.final_logits(mdl, h), -1)
     p_think, p_act = float(p[mask].sum()), float(p[~mask].sum())
     assert abs(p_think + p_act - 1) < 1e-5
@@ -262,10 +261,12 @@ def per_line_think(path):
     return [np.mean([r["latents"][t] is not None for r in rows]) for t in range(2)]
 
 
-def test_learns_to_write_the_comment_where_it_helps(toy, tmp_path):
+@pytest.mark.parametrize("precision", [[], ["--cpu-bf16"]])
+def test_learns_to_write_the_comment_where_it_helps(toy, tmp_path, precision, monkeypatch):
+    monkeypatch.setattr(M, "CPU_BF16", False)  # restored after the test: main sets it from the flag
     s = E.main(E.parser.parse_args(["--model", str(toy / "base" / "model"), "--data", str(toy / "expert.jsonl"),
                                     "--steps", "25", "--batch-traces", "8", "--group", "8", "--lr", "1e-3",
-                                    "--out", str(tmp_path)]))
+                                    "--out", str(tmp_path)] + precision))
     curve = updates(tmp_path)
     assert curve[-1]["reward"] > curve[0]["reward"] + 0.3
     assert curve[-1]["think_rate"] > curve[0]["think_rate"] + 0.15

@@ -356,6 +356,61 @@ def test_packed_logprobs_equal_unpacked(family_model):
         assert (packed[doc < 0] == 0).all()
 
 
+def test_shared_prompts_pass_equals_plain_forwards_with_gradients(family_model):
+    """shared_prompt_hidden: three prompts, six continuations of very different lengths (one prompt with
+    three, one with one), each prompt computed once, give each document's hidden states of a plain forward
+    over prompt + continuation, and the same gradients for a loss on them (the E-step trains through it)."""
+    mdl, tok = family_model
+    prompts = [tok.encode(p) for p in PROMPTS[:3]]
+    code = tok.encode("    y = [x + 1 for x in range(10)]\n    if y:\n        return y[::-1]\n    return None\n",
+                      add_special_tokens=False)
+    conts = [code[:1], code[:9], code[3:30], code[:4], code[5:7], code]
+    prompt_of = [0, 0, 0, 1, 2, 2]
+    weights = [torch.randn(len(prompts[b]) + len(c), mdl.config.hidden_size, generator=torch.Generator().manual_seed(r))
+               for r, (b, c) in enumerate(zip(prompt_of, conts))]
+
+    def loss_and_grads(hidden_of):
+        mdl.zero_grad()
+        hs = hidden_of()
+        loss = sum((h * w).sum() for h, w in zip(hs, weights))
+        loss.backward()
+        return hs, {n: p.grad.clone() for n, p in mdl.named_parameters() if p.grad is not None}
+
+    def shared():
+        layout = M.SharedPrompts(prompts, conts, prompt_of, "cpu")
+        h = M.shared_prompt_hidden(mdl, layout)
+        return [h[[layout.at(r, p) for p in range(len(prompts[b]) + len(c))]]
+                for r, (b, c) in enumerate(zip(prompt_of, conts))]
+
+    def plain():
+        return [mdl.base_model(input_ids=torch.tensor([prompts[b] + c]), use_cache=False).last_hidden_state[0]
+                for b, c in zip(prompt_of, conts)]
+
+    got, got_grads = loss_and_grads(shared)
+    want, want_grads = loss_and_grads(plain)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
+    for name in want_grads:
+        assert torch.allclose(got_grads[name], want_grads[name], atol=1e-4, rtol=1e-4), name
+
+
+def test_shared_prompts_in_bf16_on_cpu_match_fp32(family_model, monkeypatch):
+    """With --cpu-bf16 the shared-prompt pass runs under bf16 autocast and its attention as matmuls (the CPU
+    flash kernel is slow in bf16): the hidden states match the fp32 pass to bf16's precision."""
+    mdl, tok = family_model
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    code = tok.encode("    y = [x + 1 for x in range(10)]\n    return y[::-1]\n", add_special_tokens=False)
+    layout = M.SharedPrompts(prompts, [code[:5], code, code[2:]], [0, 0, 1], "cpu")
+    with torch.no_grad():
+        want = M.shared_prompt_hidden(mdl, layout)
+        monkeypatch.setattr(M, "CPU_BF16", True)
+        with M.autocast("cpu"):
+            got = M.shared_prompt_hidden(mdl, layout)
+    err = (got.float() - want).abs()
+    assert 0 < err.mean() < 0.02 * want.abs().mean(), (err.mean(), want.abs().mean())  # bf16 ran, and agrees
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_equals_dense_mask(family_model, monkeypatch):
     """The FlexAttention path (doc_block_mask) gives the dense-mask path's log-probs: several documents a
