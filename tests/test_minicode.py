@@ -94,6 +94,18 @@ def test_the_plain_world_is_the_first_world_task_for_task():
     assert hashlib.sha256("".join(texts).encode()).hexdigest()[:16] == PLAIN_FINGERPRINT
 
 
+WORLD_FINGERPRINTS = {"echo": "5c00d14751be0c81", "anon": "61186979f13eb131", "echo+anon": "248f5334e71975f6"}  # f8896df
+
+
+def test_the_worlds_before_skills_keep_their_tasks():
+    """echo, anon and echo+anon keep the tasks of the worlds experiment (LOG 2026-12-01), as plain does above."""
+    import hashlib
+    for world, fingerprint in WORLD_FINGERPRINTS.items():
+        texts = [D.render(t.trace, t.plan_comments) + t.problem.test for t in minicode.pretrain_tasks(40, world=world)]
+        texts += [t.problem.prompt + t.problem.test for t in minicode.split_tasks(world, "heldout")[:40]]
+        assert hashlib.sha256("".join(texts).encode()).hexdigest()[:16] == fingerprint, world
+
+
 def test_worlds_differ_only_in_what_their_text_gives_away():
     plain, echo, anon = (minicode.pretrain_tasks(300, world=w) for w in ("plain", "echo", "anon"))
     for p, e in zip(plain, echo):  # echo: the same tasks and code; comments in the docstring's words
