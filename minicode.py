@@ -67,6 +67,20 @@ class Step:
     styles: dict            # style -> code template; {i} input var, {o} output var, {v} loop var, {k} params
     params: tuple = ()      # (name, choices) pairs
 
+    # A task chains units that answer these three questions (steps, so far).
+    def expand(self, params):
+        """The (step, params) pairs whose code this unit writes: itself."""
+        return ((self, params),)
+
+    def phrasings(self, params):
+        """Its docstring phrasings, parameters filled in."""
+        return [d.format(**params) for d in self.doc]
+
+    def comment(self, params, pick):
+        """A plan comment's words: the phrasing that pick chooses (rng.choice for pretraining's varied words,
+        the first for the oracle's), parameters filled in."""
+        return pick(self.plan).format(**params)
+
 
 def _S(kind, src, dst, names, doc, plan, params=(), **styles):
     return Step(kind, src, dst, tuple(names.split()), tuple(doc), tuple(plan), styles, tuple(params))
@@ -271,9 +285,9 @@ STEPS = [
 STEP_BY_KIND = {s.kind: s for s in STEPS}
 
 
-def plan_comment(step, params):
-    """The oracle's plan comment for a step: its first plan phrasing, with its parameters filled in."""
-    return "# " + step.plan[0].format(**params)
+def plan_comment(unit, params):
+    """The oracle's plan comment for a unit of a task: a step's first plan phrasing, parameters filled in."""
+    return "# " + unit.comment(params, lambda phrasings: phrasings[0])
 
 
 def _param_choices(step):
@@ -330,12 +344,12 @@ def side_of(kinds):
     return "dev" if _composition_hash(kinds) // 100 % 3 == 0 else "test"
 
 
-def _random_chain(rng, length):
-    """A chain of `length` steps whose types line up, no kind twice in a row."""
+def _random_chain(rng, length, pool=STEPS):
+    """A chain of `length` units from pool whose types line up, no kind twice in a row."""
     for _ in range(100):
-        chain = [rng.choice(STEPS)]
+        chain = [rng.choice(pool)]
         while len(chain) < length:
-            options = [s for s in STEPS if s.src == chain[-1].dst and s.kind != chain[-1].kind]
+            options = [s for s in pool if s.src == chain[-1].dst and s.kind != chain[-1].kind]
             if not options:
                 break
             chain.append(rng.choice(options))
@@ -392,54 +406,67 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS,
         if side_of(kinds) in want:
             break
     params = [{name: rng.choice(choices) for name, choices in s.params} for s in chain]
+    steps = [step for unit, p in zip(chain, params) for step, _ in unit.expand(p)]
     arg = rng.choice(ARG_NAMES[chain[0].src])
     name = (rng.choice(NEUTRAL_FUNCTIONS) if world.anon
-            else "_".join(dict.fromkeys(s.names[0] for s in chain[-3:])))
-    # body: each step's code, with fresh output names
+            else "_".join(dict.fromkeys(s.names[0] for s in steps[-3:])))
+    # body: each step's code, with fresh output names; a comment (pretraining's) per unit, in its own words
     body, commented, own_words, step_of, used, var = [], [], [], [], {arg}, arg
-    for i, (s, p) in enumerate(zip(chain, params)):
-        names = NEUTRAL_NAMES if world.anon else s.names
-        out = next((n for n in rng.sample(names, len(names)) if n not in used), None) or f"{s.names[0]}{len(used)}"
-        used.add(out)
-        style = rng.choice(sorted(s.styles))
-        loop_var = next(v for v in ("v", "x", "item", "val", "num", "e") if v not in used and v != arg)
-        code = s.styles[style].format(i=var, o=out, v=loop_var, **p).split("|")
+    for i, (unit, p) in enumerate(zip(chain, params)):
+        for step, step_params in unit.expand(p):
+            code, var = _step_code(rng, step, step_params, var, used, world)
+            step_of += [i] * len(code)
+            body += code
         commented.append(rng.random() < comment_rate)
-        own_words.append(rng.choice(s.plan).format(**p) if commented[-1] else None)
-        step_of += [i] * len(code)
-        body += code
-        var = out
+        own_words.append(unit.comment(p, rng.choice) if commented[-1] else None)
     body.append(f"return {var}")
     step_of.append(None)
-    # docstring
-    phrases = [rng.choice(s.doc).format(**p) for s, p in zip(chain, params)]
-    steps = ", then ".join(phrases[:-1]) + (" and finally " if len(phrases) > 2 else " and then ") + phrases[-1]
-    opener = rng.choice(OPENERS)
-    doc = opener.format(arg=f"{rng.choice(TYPE_PHRASES[chain[0].src])} `{arg}`", steps=steps,
-                        Steps=steps[:1].upper() + steps[1:])
-    doc = (doc + " " + rng.choice(RESULT_PHRASES)).strip()
-    prompt = f"def {name}({arg}):\n" + _docstring(doc)
+    phrases = [rng.choice(unit.phrasings(p)) for unit, p in zip(chain, params)]
+    prompt = f"def {name}({arg}):\n" + _docstring(_describe(rng, phrases, chain[0].src, arg))
     actions = [f"    {line}\n" for line in body]
-    solution = "".join(actions)
-    # comments: pretraining's (some steps) and the oracle's (every step), in the world's words
+    # comments: pretraining's (some units) and the oracle's (every unit), in the world's words
     words = phrases if world.echo else own_words
     plan = [f"# {w}" for w in phrases] if world.echo else [plan_comment(s, p) for s, p in zip(chain, params)]
     plan_comments = [None] * len(actions)
     for t, i in enumerate(step_of):
         if i is not None and (t == 0 or step_of[t - 1] != i) and commented[i]:
             plan_comments[t] = words[i]
+    problem = _problem(rng, prompt, "".join(actions), name, chain[0].src, n_tests)
+    return Task(kinds, problem, Trace("", prompt, actions), plan_comments, step_of, params, plan)
+
+
+def _step_code(rng, step, params, var, used, world):
+    """One step's code lines in a random style, reading var -> (lines, its output variable, added to used)."""
+    names = NEUTRAL_NAMES if world.anon else step.names
+    out = next((n for n in rng.sample(names, len(names)) if n not in used), None) or f"{step.names[0]}{len(used)}"
+    used.add(out)
+    style = rng.choice(sorted(step.styles))
+    loop_var = next(v for v in ("v", "x", "item", "val", "num", "e") if v not in used)  # used holds the argument
+    return step.styles[style].format(i=var, o=out, v=loop_var, **params).split("|"), out
+
+
+def _describe(rng, phrases, typ, arg):
+    """The docstring's text: the units' phrases in order, an opener naming the argument, a closing phrase."""
+    steps = ", then ".join(phrases[:-1]) + (" and finally " if len(phrases) > 2 else " and then ") + phrases[-1]
+    opener = rng.choice(OPENERS)
+    doc = opener.format(arg=f"{rng.choice(TYPE_PHRASES[typ])} `{arg}`", steps=steps,
+                        Steps=steps[:1].upper() + steps[1:])
+    return (doc + " " + rng.choice(RESULT_PHRASES)).strip()
+
+
+def _problem(rng, prompt, solution, name, typ, n_tests):
+    """The Problem: n_tests distinct random inputs of type typ, expected outputs from running the reference."""
     inputs = []
     while len(inputs) < n_tests:
-        x = _random_input(rng, chain[0].src)
+        x = _random_input(rng, typ)
         if x not in inputs:
             inputs.append(x)
     ns = {}
     exec(compile(prompt + solution, f"<minicode {name}>", "exec"), ns)
     fn = ns[name]
     asserts = "".join(f"    assert candidate({x!r}) == {fn(_copy(x))!r}\n" for x in inputs)
-    problem = Problem(task_id="", prompt=prompt, entry_point=name, test=f"\n\ndef check(candidate):\n{asserts}",
-                      canonical_solution=solution, source="minicode")
-    return Task(kinds, problem, Trace("", prompt, actions), plan_comments, step_of, params, plan)
+    return Problem(task_id="", prompt=prompt, entry_point=name, test=f"\n\ndef check(candidate):\n{asserts}",
+                   canonical_solution=solution, source="minicode")
 
 
 def _copy(x):
