@@ -17,7 +17,10 @@ compositions are held out and kept apart from the test tasks', for choosing sett
 
 Worlds (WORLDS) differ in what the text gives away: plain (the default) comments in short phrases of its
 own and names variables after their steps; echo's comments restate the docstring's words; anon's names
-are neutral. A name `minicode-WORLD-SPLIT` (parse) picks one; worlds.sh asks which lets latents pay.
+are neutral. In skills (with anon's names) the docstring names *skills* (SKILLS: fixed macros of 2-3 steps)
+instead of steps, so what each one expands into is world knowledge from pretraining, and a plan comment per
+skill block spells it out; there the true plan says what the prompt does not. A name `minicode-WORLD-SPLIT`
+(parse) picks one; worlds.sh asks which lets latents pay.
 """
 import dataclasses
 import hashlib
@@ -45,12 +48,16 @@ class World:
     documents itself. echo: a plan comment restates the docstring's own words for the step, as comments
     in real code often restate the spec, so a model can find its place in a long docstring by matching its
     last comment. anon: variables and the function get neutral names (res, tmp, solve), so the first
-    tokens of a step no longer say which step it is."""
+    tokens of a step no longer say which step it is. skills: the docstring names *skills* (SKILLS), fixed macros
+    of 2-3 steps whose expansion only pretraining shows, and a plan comment spells the expansion out; with
+    anon's names the code does not say where one skill ends (see SKILLS)."""
     echo: bool = False
     anon: bool = False
+    skills: bool = False
 
 
-WORLDS = {"plain": World(), "echo": World(echo=True), "anon": World(anon=True), "echo+anon": World(True, True)}
+WORLDS = {"plain": World(), "echo": World(echo=True), "anon": World(anon=True), "echo+anon": World(True, True),
+          "skills": World(anon=True, skills=True)}
 DEFAULT_WORLD = "plain"   # the world of the bare `minicode-*` names and of models/minicode-base
 NEUTRAL_NAMES = ("res", "out", "tmp", "cur", "data", "part", "got", "mid", "buf", "y", "z", "t", "r", "u")
 NEUTRAL_FUNCTIONS = ("solve", "compute", "transform", "process", "apply", "run")
@@ -66,6 +73,20 @@ class Step:
     plan: tuple             # plan comment phrasings
     styles: dict            # style -> code template; {i} input var, {o} output var, {v} loop var, {k} params
     params: tuple = ()      # (name, choices) pairs
+
+    # A task chains units that answer these three questions: steps, or skills (below).
+    def expand(self, params):
+        """The (step, params) pairs whose code this unit writes: itself."""
+        return ((self, params),)
+
+    def phrasings(self, params):
+        """Its docstring phrasings, parameters filled in."""
+        return [d.format(**params) for d in self.doc]
+
+    def comment(self, params, pick):
+        """A plan comment's words: the phrasing that pick chooses (rng.choice for pretraining's varied words,
+        the first for the oracle's), parameters filled in."""
+        return pick(self.plan).format(**params)
 
 
 def _S(kind, src, dst, names, doc, plan, params=(), **styles):
@@ -271,9 +292,80 @@ STEPS = [
 STEP_BY_KIND = {s.kind: s for s in STEPS}
 
 
-def plan_comment(step, params):
-    """The oracle's plan comment for a step: its first plan phrasing, with its parameters filled in."""
-    return "# " + step.plan[0].format(**params)
+# Skills: named macros of 2-3 steps with fixed parameters, for the skills world. A docstring that names
+# skills ("tidy it, then apply boost") no longer spells out the steps: what "tidy" expands into is world
+# knowledge that only pretraining shows. A plan comment that spells the expansion out ("# tidy: positives
+# only, dedupe, sort ascending") brings the memorized macro into the context once; without it the model must
+# recall the macro and keep its place inside it at every line, from code that (with anon's names) does not
+# say where one skill ends. Skills share steps (dedupe, sort_up, abs_each, ...) so that a line alone does not
+# tell them apart. The names are arbitrary words that no step's phrasing or name uses.
+SKILL_DOC = ("{name} it", "apply {name}")  # a skill's docstring phrasings: its name and nothing more
+
+
+@dataclasses.dataclass(frozen=True)
+class Skill:
+    kind: str               # its name
+    steps: tuple            # ((Step, params), ...): what it expands into
+    params = ()             # nothing to draw: the parameters of its steps are fixed
+
+    @property
+    def src(self):
+        return self.steps[0][0].src
+
+    @property
+    def dst(self):
+        return self.steps[-1][0].dst
+
+    def expand(self, params):
+        return self.steps
+
+    def phrasings(self, params):
+        return [d.format(name=self.kind) for d in SKILL_DOC]
+
+    def comment(self, params, pick):
+        """'tidy: positives only, dedupe, sort ascending': its name, then each step's plan phrasing."""
+        return self.kind + ": " + ", ".join(step.comment(p, pick) for step, p in self.steps)
+
+
+def _K(kind, *steps):
+    """A skill from its steps in order: a step kind, or (kind, params) for a step with parameters."""
+    pairs = [(step, {}) if isinstance(step, str) else step for step in steps]
+    return Skill(kind, tuple((STEP_BY_KIND[k], p) for k, p in pairs))
+
+
+SKILLS = [
+    # ints -> ints
+    _K("tidy", "keep_positive", "dedupe", "sort_up"),
+    _K("boost", ("add_each", {"k": 3}), ("times_each", {"k": 2})),
+    _K("squash", ("clamp", {"lo": 0, "hi": 9}), "dedupe"),
+    _K("sift", "keep_even", "sort_down"),
+    _K("fold", "running_sum", "reverse_list"),
+    _K("brew", "abs_each", "sort_up", ("first_k", {"k": 3})),
+    _K("knit", "square_each", ("keep_greater", {"k": 10})),
+    _K("churn", "diffs", "abs_each"),
+    _K("glaze", ("times_each", {"k": 3}), ("add_each", {"k": 1}), "sort_down"),
+    _K("whisk", "dedupe", "reverse_list", ("drop_k", {"k": 1})),
+    _K("toss", "keep_odd", "square_each"),
+    _K("stir", "sort_up", "diffs"),
+    # ints -> int
+    _K("mash", "keep_positive", "total"),
+    _K("bake", "dedupe", "length"),
+    _K("roast", "abs_each", "largest"),
+    # int -> int, int -> ints
+    _K("zest", "digit_sum", ("times_const", {"k": 3})),
+    _K("knead", "digits_of", "sort_down"),
+    _K("poach", "count_up", "square_each"),
+    # text -> words, words -> ints
+    _K("weave", "lower_text", "split_words", "sort_words"),
+    _K("spin", "word_lengths", "sort_up"),
+]
+SKILL_BY_KIND = {k.kind: k for k in SKILLS}
+
+
+def plan_comment(unit, params):
+    """The oracle's plan comment for a step (its first plan phrasing, parameters filled in) or a skill (its
+    expansion in its steps' first plan phrasings)."""
+    return "# " + unit.comment(params, lambda phrasings: phrasings[0])
 
 
 def _param_choices(step):
@@ -293,6 +385,13 @@ def _plan_names():
             for phrase in step.plan + step.doc:  # echo worlds comment with the docstring's phrasings
                 named = (step.kind, tuple(sorted(params.items())))
                 names.setdefault(_normalize(phrase.format(**params)), set()).add(named)
+    for skill in SKILLS:  # its name, its docstring phrasings, its expansion in any of its steps' plan phrasings
+        phrases = [skill.kind, *skill.phrasings({})]
+        for wording in itertools.product(*(step.plan for step, _ in skill.steps)):
+            chosen = iter(wording)  # one plan phrasing per step, in order
+            phrases.append(skill.comment({}, lambda phrasings: next(chosen)))
+        for phrase in phrases:
+            names.setdefault(_normalize(phrase), set()).add((skill.kind, ()))
     return names
 
 
@@ -301,7 +400,8 @@ _NAMES = _plan_names()
 
 def names_of(comment):
     """The (kind, params) pairs a comment names, as a set: empty when it is no plan or docstring phrasing of
-    a step (a few phrasings are shared by two kinds, so a comment can name more than one)."""
+    a step (a few phrasings are shared by two kinds, so a comment can name more than one). A skill's name,
+    docstring phrasings and expansion comment (in any wording) name (skill, ())."""
     return _NAMES.get(_normalize(comment), set())
 
 
@@ -330,12 +430,12 @@ def side_of(kinds):
     return "dev" if _composition_hash(kinds) // 100 % 3 == 0 else "test"
 
 
-def _random_chain(rng, length):
-    """A chain of `length` steps whose types line up, no kind twice in a row."""
+def _random_chain(rng, length, pool=STEPS):
+    """A chain of `length` units from pool (steps or skills) whose types line up, no kind twice in a row."""
     for _ in range(100):
-        chain = [rng.choice(STEPS)]
+        chain = [rng.choice(pool)]
         while len(chain) < length:
-            options = [s for s in STEPS if s.src == chain[-1].dst and s.kind != chain[-1].kind]
+            options = [s for s in pool if s.src == chain[-1].dst and s.kind != chain[-1].kind]
             if not options:
                 break
             chain.append(rng.choice(options))
@@ -384,62 +484,80 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS,
     """One minicode task: a composition from the training side of the split (held_out False), the held-out
     side (True), or one part of it ("dev" or "test"), a reference solution in a random mix of styles, a
     docstring in varied words and n_tests unit tests made by running the reference. comment_rate: share of
-    steps that get a plan comment in the trace's latents. world: what the text gives away (World)."""
+    steps that get a plan comment in the trace's latents. world: what the text gives away (World). In a skills
+    world the composition is a chain of skills (lengths counts skills), each written as its steps' code, and
+    kinds, step_of, params (empty) and plan are per skill."""
     want = {False: ("train",), True: ("dev", "test")}.get(held_out, (held_out,))
     while True:
-        chain = _random_chain(rng, rng.choice(lengths))
+        chain = _random_chain(rng, rng.choice(lengths), SKILLS if world.skills else STEPS)
         kinds = tuple(s.kind for s in chain)
         if side_of(kinds) in want:
             break
     params = [{name: rng.choice(choices) for name, choices in s.params} for s in chain]
+    steps = [step for unit, p in zip(chain, params) for step, _ in unit.expand(p)]
     arg = rng.choice(ARG_NAMES[chain[0].src])
     name = (rng.choice(NEUTRAL_FUNCTIONS) if world.anon
-            else "_".join(dict.fromkeys(s.names[0] for s in chain[-3:])))
-    # body: each step's code, with fresh output names
+            else "_".join(dict.fromkeys(s.names[0] for s in steps[-3:])))
+    # body: each step's code, with fresh output names; a comment (pretraining's) per unit, in its own words
     body, commented, own_words, step_of, used, var = [], [], [], [], {arg}, arg
-    for i, (s, p) in enumerate(zip(chain, params)):
-        names = NEUTRAL_NAMES if world.anon else s.names
-        out = next((n for n in rng.sample(names, len(names)) if n not in used), None) or f"{s.names[0]}{len(used)}"
-        used.add(out)
-        style = rng.choice(sorted(s.styles))
-        loop_var = next(v for v in ("v", "x", "item", "val", "num", "e") if v not in used and v != arg)
-        code = s.styles[style].format(i=var, o=out, v=loop_var, **p).split("|")
+    for i, (unit, p) in enumerate(zip(chain, params)):
+        for step, step_params in unit.expand(p):
+            code, var = _step_code(rng, step, step_params, var, used, world)
+            step_of += [i] * len(code)
+            body += code
         commented.append(rng.random() < comment_rate)
-        own_words.append(rng.choice(s.plan).format(**p) if commented[-1] else None)
-        step_of += [i] * len(code)
-        body += code
-        var = out
+        own_words.append(unit.comment(p, rng.choice) if commented[-1] else None)
     body.append(f"return {var}")
     step_of.append(None)
-    # docstring
-    phrases = [rng.choice(s.doc).format(**p) for s, p in zip(chain, params)]
-    steps = ", then ".join(phrases[:-1]) + (" and finally " if len(phrases) > 2 else " and then ") + phrases[-1]
-    opener = rng.choice(OPENERS)
-    doc = opener.format(arg=f"{rng.choice(TYPE_PHRASES[chain[0].src])} `{arg}`", steps=steps,
-                        Steps=steps[:1].upper() + steps[1:])
-    doc = (doc + " " + rng.choice(RESULT_PHRASES)).strip()
-    prompt = f"def {name}({arg}):\n" + _docstring(doc)
+    phrases = [rng.choice(unit.phrasings(p)) for unit, p in zip(chain, params)]
+    prompt = f"def {name}({arg}):\n" + _docstring(_describe(rng, phrases, chain[0].src, arg))
     actions = [f"    {line}\n" for line in body]
-    solution = "".join(actions)
-    # comments: pretraining's (some steps) and the oracle's (every step), in the world's words
+    # comments: pretraining's (some units) and the oracle's (every unit), in the world's words
     words = phrases if world.echo else own_words
     plan = [f"# {w}" for w in phrases] if world.echo else [plan_comment(s, p) for s, p in zip(chain, params)]
     plan_comments = [None] * len(actions)
     for t, i in enumerate(step_of):
         if i is not None and (t == 0 or step_of[t - 1] != i) and commented[i]:
             plan_comments[t] = words[i]
+    problem = _problem(rng, prompt, "".join(actions), name, chain[0].src, n_tests)
+    return Task(kinds, problem, Trace("", prompt, actions), plan_comments, step_of, params, plan)
+
+
+def _step_code(rng, step, params, var, used, world):
+    """One step's code lines in a random style, reading var -> (lines, its output variable, added to used)."""
+    names = NEUTRAL_NAMES if world.anon else step.names
+    out = next((n for n in rng.sample(names, len(names)) if n not in used), None) or f"{step.names[0]}{len(used)}"
+    used.add(out)
+    style = rng.choice(sorted(step.styles))
+    loop_var = next(v for v in ("v", "x", "item", "val", "num", "e") if v not in used)  # used holds the argument
+    return step.styles[style].format(i=var, o=out, v=loop_var, **params).split("|"), out
+
+
+def _describe(rng, phrases, typ, arg):
+    """The docstring's text: the units' phrases in order, an opener naming the argument, a closing phrase."""
+    if len(phrases) == 1:  # a one-skill task
+        steps = phrases[0]
+    else:
+        steps = ", then ".join(phrases[:-1]) + (" and finally " if len(phrases) > 2 else " and then ") + phrases[-1]
+    opener = rng.choice(OPENERS)
+    doc = opener.format(arg=f"{rng.choice(TYPE_PHRASES[typ])} `{arg}`", steps=steps,
+                        Steps=steps[:1].upper() + steps[1:])
+    return (doc + " " + rng.choice(RESULT_PHRASES)).strip()
+
+
+def _problem(rng, prompt, solution, name, typ, n_tests):
+    """The Problem: n_tests distinct random inputs of type typ, expected outputs from running the reference."""
     inputs = []
     while len(inputs) < n_tests:
-        x = _random_input(rng, chain[0].src)
+        x = _random_input(rng, typ)
         if x not in inputs:
             inputs.append(x)
     ns = {}
     exec(compile(prompt + solution, f"<minicode {name}>", "exec"), ns)
     fn = ns[name]
     asserts = "".join(f"    assert candidate({x!r}) == {fn(_copy(x))!r}\n" for x in inputs)
-    problem = Problem(task_id="", prompt=prompt, entry_point=name, test=f"\n\ndef check(candidate):\n{asserts}",
-                      canonical_solution=solution, source="minicode")
-    return Task(kinds, problem, Trace("", prompt, actions), plan_comments, step_of, params, plan)
+    return Problem(task_id="", prompt=prompt, entry_point=name, test=f"\n\ndef check(candidate):\n{asserts}",
+                   canonical_solution=solution, source="minicode")
 
 
 def _copy(x):
@@ -486,6 +604,13 @@ SPLITS = {
     "dev": dict(n=500, seed=4, held_out="dev", lengths=(5, 6, 7)),        # for choosing settings
     "dev-long": dict(n=500, seed=5, held_out="dev", lengths=(8,)),        # longer than any mid-training trace
 }
+# A skills world counts skills instead (2-3 steps each, 2.25 on average), in the same roles as the lengths
+# above: pretraining 1-3 skills (2-9 steps, 87% of them 2-6), mid-training and RL problems 2-3 (4-9 steps, like
+# plain's 3-7), heldout and dev 3 (6-9 steps, like plain's 5-7; of all 3-skill compositions 260 are test and
+# 117 dev), dev-long 4 (8-12 steps), one skill more than any mid-training trace: its oracle completions are
+# about as long as anon's 8 steps (95th percentile 224 tokens against 217), within worlds.sh's 320.
+SKILL_LENGTHS = {"pretrain": (1, 2, 2, 3), "midtrain": (2, 3), "train": (2, 3), "valid": (1, 2, 2, 3),
+                 "heldout": (3,), "dev": (3,), "dev-long": (4,)}
 CORPORA = ("pretrain", "midtrain", "midtrain-oracle")
 
 
@@ -512,6 +637,8 @@ def split_tasks(world, split):
     spec = dict(SPLITS[split])
     if world == "plain" and split == "heldout":
         spec["held_out"] = True
+    if WORLDS[world].skills:
+        spec["lengths"] = SKILL_LENGTHS[split]
     return tasks(**spec, world=world)
 
 
@@ -519,19 +646,35 @@ MIDTRAIN_LENGTHS = (3, 4, 5, 6, 7)  # mid-training reaches past pretraining's 2-
 
 
 def pretrain_tasks(n, seed=0, world=DEFAULT_WORLD):
-    """The pretraining stream: about half the steps carry a plan comment (the trace's latents)."""
-    return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world)
+    """The pretraining stream: about half the steps carry a plan comment (the trace's latents). A skills world
+    must teach both what the steps are and what each skill expands into, so its tasks alternate: the even ones
+    are the pretraining tasks of the same world without skills (anon's, task for task, for skills), the odd
+    ones skill tasks of 1-3 skills, about half the skill blocks commented with their expansion."""
+    if not WORLDS[world].skills:
+        return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world)
+    steps = pretrain_tasks((n + 1) // 2, seed, _steps_world(world))
+    skills = tasks(n // 2, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain-skills",
+                   lengths=SKILL_LENGTHS["pretrain"], world=world)
+    return [t for pair in itertools.zip_longest(steps, skills) for t in pair if t is not None]
+
+
+def _steps_world(world):
+    """The world a skills world's step tasks come from: the same flags without skills."""
+    flags = dataclasses.replace(WORLDS[world], skills=False)
+    return next(name for name, w in WORLDS.items() if w == flags)
 
 
 def midtrain_tasks(n, seed=0, world=DEFAULT_WORLD):
     """The mid-training stream as tasks (each knows its steps): seed 0 is the corpus, other seeds give
-    more traces of the same distribution (the E-step's held-out set)."""
-    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=MIDTRAIN_LENGTHS, world=world)
+    more traces of the same distribution (the E-step's held-out set). A skills world's are skill tasks."""
+    lengths = SKILL_LENGTHS["midtrain"] if WORLDS[world].skills else MIDTRAIN_LENGTHS
+    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=lengths, world=world)
 
 
 def corpus(kind, n, seed=0, world=DEFAULT_WORLD):
     """Text corpora of minicode. kind='pretrain': functions where ~half the steps carry a plan comment
-    (as real code often does); kind='midtrain': expert traces of 3-7 steps without comments (RA3's to annotate)."""
+    (as real code often does); kind='midtrain': expert traces of 3-7 steps (2-3 skills in a skills world)
+    without comments (RA3's to annotate)."""
     if kind == "pretrain":  # load_traces keeps the comments apart
         return [render(t.trace, t.plan_comments) for t in pretrain_tasks(n, seed, world)]
     if kind == "midtrain":

@@ -13,6 +13,7 @@
 #   bash worlds.sh                                   # echo, anon and echo+anon, 3 seeds, into runs/worlds
 #   bash worlds.sh --worlds "plain echo" --seeds 1 --base-steps 100 --out runs/worlds-quick
 #   bash worlds.sh --worlds anon --hidden 256 --layers 8 --out runs/worlds-256    # an 8.1M-parameter base
+#   bash worlds.sh --worlds skills --out runs/worlds-skills   # docstrings name skills, comments expand them
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --layers) LAYERS=$2; shift 2 ;;
     --dev) DEV=$2; shift 2 ;;     # dev tasks to evaluate on
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
     *) echo "worlds.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -229,8 +229,9 @@ def test_forced_rollouts_write_the_given_latents(preset, toy):
             assert sum(e[0] == E.NOT_IN_SET for e in r.events) == sum(z is None for z in latents)
 
 
-def test_comment_naming_reads_the_world():
-    tasks = minicode.midtrain_tasks(30, seed=4)
+@pytest.mark.parametrize("world", ["plain", "skills"])
+def test_comment_naming_reads_the_world(world):
+    tasks = minicode.midtrain_tasks(30, seed=4, world=world)  # skills: one comment per skill, naming it
     right = E.comment_naming([t.true_plan() for t in tasks], tasks)
     n_steps = sum(len(t.kinds) for t in tasks)
     assert right == dict(comments=n_steps, named_step=n_steps, named_param=n_steps, wrong_step=0, unnamed=0)

@@ -94,6 +94,18 @@ def test_the_plain_world_is_the_first_world_task_for_task():
     assert hashlib.sha256("".join(texts).encode()).hexdigest()[:16] == PLAIN_FINGERPRINT
 
 
+WORLD_FINGERPRINTS = {"echo": "5c00d14751be0c81", "anon": "61186979f13eb131", "echo+anon": "248f5334e71975f6"}  # f8896df
+
+
+def test_the_worlds_before_skills_keep_their_tasks():
+    """echo, anon and echo+anon keep the tasks of the worlds experiment (LOG 2026-12-01), as plain does above."""
+    import hashlib
+    for world, fingerprint in WORLD_FINGERPRINTS.items():
+        texts = [D.render(t.trace, t.plan_comments) + t.problem.test for t in minicode.pretrain_tasks(40, world=world)]
+        texts += [t.problem.prompt + t.problem.test for t in minicode.split_tasks(world, "heldout")[:40]]
+        assert hashlib.sha256("".join(texts).encode()).hexdigest()[:16] == fingerprint, world
+
+
 def test_worlds_differ_only_in_what_their_text_gives_away():
     plain, echo, anon = (minicode.pretrain_tasks(300, world=w) for w in ("plain", "echo", "anon"))
     for p, e in zip(plain, echo):  # echo: the same tasks and code; comments in the docstring's words
@@ -132,3 +144,120 @@ def test_minicode_names_parse_into_world_and_split():
     assert len(traces) == 5 and all(any(z is not None for z in zs) for zs in latents)
     with pytest.raises(D.DataError, match="minicode-echo-heldout"):
         D.load_problems("minicode-echo-test")
+
+
+# ---- the skills world ---------------------------------------------------------------------------------------
+
+def test_the_skill_table_is_consistent():
+    skills, steps = minicode.SKILLS, minicode.STEPS
+    kinds = [k.kind for k in skills]
+    assert 16 <= len(skills) and len(set(kinds)) == len(kinds) and not set(kinds) & {s.kind for s in steps}
+    words = set(minicode.NEUTRAL_NAMES) | set(minicode.NEUTRAL_FUNCTIONS)  # what a skill's name must not echo
+    for s in steps:
+        words |= {s.kind, *s.names} | {w for phrase in s.doc + s.plan for w in re.findall(r"[a-z]+", phrase.lower())}
+    assert not set(kinds) & words
+    for k in skills:
+        assert 2 <= len(k.steps) <= 3
+        assert all(a.dst == b.src for (a, _), (b, _) in zip(k.steps, k.steps[1:]))  # the types chain
+        for step, params in k.steps:  # fixed parameters, each one the step's own choice
+            assert set(params) == {name for name, _ in step.params}
+            assert all(params[name] in choices for name, choices in step.params)
+        assert any(o.src == k.dst for o in skills)  # something can follow it
+    expansions = [tuple((s.kind, tuple(p.items())) for s, p in k.steps) for k in skills]
+    assert len(set(expansions)) == len(skills)
+    shared = [s for s in {s for e in expansions for s in e} if sum(s in e for e in expansions) > 1]
+    assert len(shared) >= 3  # skills share steps, so a line alone does not say which skill it is in
+    assert {k.src for k in skills} >= {"ints", "int", "text", "words"} and {k.dst for k in skills} >= {"ints", "int"}
+
+
+def _blocks_are_their_steps_code(task):
+    """Is each skill block's code exactly its steps' code, one after another (each in one of its styles, with
+    some output and loop variable), each step reading the previous one's output?"""
+    var = task.problem.prompt.split("(")[1].split(")")[0]
+    for i, kind in enumerate(task.kinds):
+        text, pos = "".join(a for a, j in zip(task.trace.actions, task.step_of) if j == i), 0
+        for step, params in minicode.SKILL_BY_KIND[kind].steps:
+            for template in step.styles.values():
+                code = "".join(f"    {line}\n" for line in template.split("|"))
+                pattern = re.escape(code.format(i=var, o="OUTVAR", v="LOOPVAR", **params))
+                for name, group in (("OUTVAR", "o"), ("LOOPVAR", "v")):
+                    pattern = pattern.replace(name, rf"(?P<{group}>\w+)", 1).replace(name, f"(?P={group})")
+                m = re.compile(pattern).match(text, pos)
+                if m:
+                    pos, var = m.end(), m.group("o")
+                    break
+            else:
+                return False
+        if pos != len(text):
+            return False
+    return task.trace.actions[-1] == f"    return {var}\n"
+
+
+def test_a_skills_task_is_its_skills_steps_and_the_true_plan_spells_them_out():
+    tasks = minicode.midtrain_tasks(200, world="skills") + minicode.split_tasks("skills", "dev-long")[:50]
+    for t in tasks:
+        p = t.problem
+        ns = {}
+        exec(p.prompt + p.canonical_solution + p.test, ns)
+        ns["check"](ns[p.entry_point])
+        assert all(k in minicode.SKILL_BY_KIND for k in t.kinds) and t.params == [{}] * len(t.kinds)
+        assert all(k not in p.canonical_solution for k in t.kinds)  # the code never names a skill
+        assert _blocks_are_their_steps_code(t), D.render(t.trace)
+        plan, starts = t.true_plan(), t.step_starts()
+        assert sum(starts) == len(t.kinds) == sum(z is not None for z in plan)
+        for z, start, i in zip(plan, starts, t.step_of):
+            if start:
+                skill = minicode.SKILL_BY_KIND[t.kinds[i]]
+                assert z == f"# {skill.kind}: " + ", ".join(s.plan[0].format(**q) for s, q in skill.steps)
+                assert minicode.names_of(z) == {(skill.kind, ())}
+        ast.parse(D.render(t.trace, plan))
+    assert {len(t.kinds) for t in tasks} == {2, 3, 4}
+
+
+def test_names_of_reads_skills():
+    for comment in ("# tidy: positives only, dedupe, sort ascending", "# Tidy: remove non-positive numbers, "
+                    "remove duplicates in order, order them", "# tidy", "# apply tidy", "tidy it"):
+        assert minicode.names_of(comment) == {("tidy", ())}, comment
+    assert minicode.names_of("# tidy: sort ascending") == set()  # half an expansion names nothing
+
+
+def test_skills_pretraining_teaches_steps_and_skills():
+    pre = minicode.pretrain_tasks(600, world="skills")
+    steps, skills = pre[0::2], pre[1::2]
+    anon = minicode.pretrain_tasks(300, world="anon")  # the step tasks are anon's, task for task
+    assert [D.render(t.trace, t.plan_comments) for t in steps] == [D.render(t.trace, t.plan_comments) for t in anon]
+    assert all(k in minicode.SKILL_BY_KIND for t in skills for k in t.kinds)
+    assert {len(t.kinds) for t in skills} == {1, 2, 3}
+    commented = [z is not None for t in skills for z, start in zip(t.plan_comments, t.step_starts()) if start]
+    assert 0.4 < sum(commented) / len(commented) < 0.6
+    for t in skills:  # a pretraining comment spells out its skill's expansion in varied words
+        for z, i in zip(t.plan_comments, t.step_of):
+            if z is not None:
+                assert minicode.names_of(z) == {(t.kinds[i], ())}
+    assert len({z for t in skills for z in t.plan_comments if z} - {z for t in skills for z in t.plan}) > 50
+    texts = minicode.corpus("pretrain", 100, world="skills")
+    assert texts == [D.render(t.trace, t.plan_comments) for t in pre[:100]]
+    for text in texts:
+        ast.parse(text)
+
+
+def test_skills_held_out_compositions_never_train():
+    pre = [t for t in minicode.pretrain_tasks(2000, world="skills") if t.kinds[0] in minicode.SKILL_BY_KIND]
+    train = pre + minicode.midtrain_tasks(1000, world="skills") + minicode.split_tasks("skills", "train")[:1000]
+    assert all(minicode.side_of(t.kinds) == "train" for t in train)
+    for tasks in (pre, minicode.midtrain_tasks(1000, world="skills")):  # every skill is taught and traced
+        assert {k for t in tasks for k in t.kinds} == set(minicode.SKILL_BY_KIND)
+    sides = {split: {t.kinds for t in minicode.split_tasks("skills", split)} for split in ("heldout", "dev")}
+    assert not (sides["heldout"] | sides["dev"]) & {t.kinds for t in train}
+    assert not sides["heldout"] & sides["dev"] and len(sides["dev"]) > 80 and len(sides["heldout"]) > 150
+    assert {len(k) for k in sides["heldout"] | sides["dev"]} == {3}
+
+
+def test_skills_world_by_name():
+    assert minicode.parse("minicode-skills-midtrain") == ("skills", "midtrain")
+    assert "minicode-skills-dev-long" in minicode.names() and "minicode-skills-pretrain" in minicode.names("corpus")
+    dev = D.load_problems("minicode-skills-dev")
+    assert len(dev) == 500 and dev[0].prompt == minicode.split_tasks("skills", "dev")[0].problem.prompt
+    traces, latents = D.load_traces("minicode-skills-midtrain-oracle", n_tasks=5)
+    tasks = minicode.midtrain_tasks(5, world="skills")
+    assert [sum(z is not None for z in zs) for zs in latents] == [len(t.kinds) for t in tasks]
