@@ -1064,10 +1064,10 @@ class SharedPrompts:
         p_index = np.where(p_valid, self.prompt_start[:, None] + offs, 0)
         p_mask = (offs[None, None, :] <= offs[None, :, None]) & p_valid[:, None, :]
         self.prompts = (t(p_index), t(p_valid), t(p_mask[:, None]))
-        # continuations, grouped by length (powers of two) and padded within a group: the prompt's keys, then
+        # continuations, grouped by length (within a factor of 1.41) and padded within a group: the prompt's keys, then
         # its own causally
         self.groups = []
-        bucket = np.ceil(np.log2(clen)).astype(np.int64)
+        bucket = np.ceil(2 * np.log2(clen)).astype(np.int64)
         for b in np.unique(bucket):
             rows = np.nonzero(bucket == b)[0]
             offs = np.arange(clen[rows].max())
@@ -1104,15 +1104,20 @@ def _grouped_sdpa(q, k, v, mask, scaling):
     hkv = k.shape[0]
     q, k, v = q.transpose(0, 1).reshape(r, hkv, (h // hkv) * n, d), k.transpose(0, 1), v.transpose(0, 1)
     m = mask.expand(r, h // hkv, n, mask.shape[-1]).reshape(r, 1, (h // hkv) * n, mask.shape[-1])
-    if q.device.type == "cpu" and v.dtype == torch.bfloat16:
-        # torch's CPU flash kernel is slower in bf16 than in fp32 at small head sizes, while bf16 matmuls are
-        # about 4x faster than fp32 ones: scores by matmul, softmax in fp32 (LOG.md, 2026-12-01)
-        scores = torch.matmul(q.to(v.dtype), k.to(v.dtype).transpose(-1, -2)).float()
-        weights = torch.softmax((scores * (scaling or d ** -0.5)).masked_fill(~m, float("-inf")), dim=-1)
-        o = torch.matmul(weights.to(v.dtype), v)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)
-    return o.reshape(r, h, n, d).transpose(0, 1)
+    return _sdpa(q, k, v, m, scaling).reshape(r, h, n, d).transpose(0, 1)
+
+
+def _sdpa(q, k, v, mask, scaling):
+    """F.scaled_dot_product_attention with a bool mask (True: attend), except on CPU in bf16 with gradients
+    (the E-step's training pass): there torch's CPU flash kernel and its backward are slower in bf16 than
+    in fp32 at small head sizes, while bf16 matmuls are about 4x faster than fp32 ones, so attention is
+    computed as transformers' eager kernel does (bf16 scores plus an additive mask, softmax in fp32). In
+    the sampler, without gradients, the kernel was faster (LOG.md, 2026-12-01)."""
+    if not (q.device.type == "cpu" and v.dtype == torch.bfloat16 and torch.is_grad_enabled()):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    mask = torch.zeros(mask.shape, dtype=v.dtype, device=v.device).masked_fill_(~mask, float("-inf"))
+    scores = torch.matmul((q * (scaling or q.shape[-1] ** -0.5)).to(v.dtype), k.to(v.dtype).transpose(-1, -2))
+    return torch.matmul(torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 def shared_prompt_hidden(model, layout):

@@ -47,8 +47,10 @@ def losses(out_dir):
     return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_decreases_and_outputs_are_written(tmp_path):
-    summary = mstep.main(mstep.parser.parse_args(TINY + ["--steps", "12", "--out", str(tmp_path)]))
+@pytest.mark.parametrize("precision", [[], ["--cpu-bf16"]])
+def test_loss_decreases_and_outputs_are_written(tmp_path, precision, monkeypatch):
+    monkeypatch.setattr(M, "CPU_BF16", False)  # restored after the test: main sets it from the flag
+    summary = mstep.main(mstep.parser.parse_args(TINY + ["--steps", "12", "--out", str(tmp_path)] + precision))
     curve = losses(tmp_path)
     assert len(curve) == 12 and curve[-1] < curve[0] - 0.5
     assert summary["eval_loss"] is not None and (tmp_path / "summary.json").is_file()

@@ -223,6 +223,20 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_a_cpu_bf16_step_samples_and_trains(tmp_path, monkeypatch):
+    """--cpu-bf16: the sampler is a bf16 copy and training runs under bf16 autocast; they still agree on
+    the sampled tokens' log-probs to bf16's precision, and the step moves the weights."""
+    monkeypatch.setattr(M, "CPU_BF16", False)  # restored after the test: main sets it from the flag
+    rlvr.main(rlvr.parser.parse_args(SMALL + ["--steps", "1", "--batch-prompts", "8", "--eval-every", "2", "--cpu-bf16",
+                                              "--out", str(tmp_path)]))
+    m = metrics(tmp_path)[1]
+    assert m["zero_spread"] < 1 and 1e-6 < m["logprob_gap"] < 0.1, m
+    monkeypatch.setattr(M, "CPU_BF16", False)
+    a, _ = M.load_model(str(tmp_path / "model"), device="cpu")
+    base, _ = M.load_model("minicode-base", device="cpu")
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), base.parameters()))
+
+
 def test_run_logs_the_curve_and_resumes_exactly(tmp_path):
     """A 2-step run from the shipped base, against 1 step then --resume to 2: same metrics, same model."""
     summary = rlvr.main(rlvr.parser.parse_args(SMALL + ["--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "a")]))
