@@ -27,7 +27,8 @@ the probability of the whole newline set; its token is not used) or L tokens. Ev
 policy gradient uses is recomputed on the same tokens in `policy_loss`, and the tests check the two agree.
 Rollouts do not feed the expert's tokens one at a time: a row feeds its next lines at once as if q chose
 <act> at each, samples those decisions in order, and keeps the lines up to its first <think> (speculative
-teacher forcing, `_rollout_chunk`): every decision is still drawn from q's exact conditional.
+teacher forcing, `_rollout_chunk`): every decision is still drawn from q's exact conditional. The reward
+and training passes compute each trace's prompt once for its G rollouts (`prompt_layout`).
 
     python estep.py                                  # minicode-base on minicode mid-training traces
     python estep.py --q runs/estep/q --steps 0 --annotate gain   # annotate again with a trained q
