@@ -384,7 +384,7 @@ _ACTIVE_BLOCK_MASK = None  # the FlexAttention BlockMask of the packed pass in f
 def _ra3_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     if _ACTIVE_LAYOUT is not None:  # inside the sampler, or a pass with shared prompts
         if kwargs.get("sliding_window"):
-            raise NotImplementedError("sliding-window attention is not supported by the RA3 sampler")
+            raise NotImplementedError("sliding-window attention is not supported by the RA3 sampler and scorer")
         return _ACTIVE_LAYOUT.attend(module.layer_idx, query, key, value, attention_mask, scaling)
     if _ACTIVE_BLOCK_MASK is not None:  # compiled packed passes on GPU: attention_mask is a stand-in
         return _flex_attend(query, key, value, _ACTIVE_BLOCK_MASK, scaling, dropout)
@@ -1034,7 +1034,6 @@ def hidden_logprobs(model, hidden, input_ids, doc_ids, temperature=1.0, chunk=No
     return out
 
 
-
 # ---- prompts shared by their continuations --------------------------------------------------------------
 # The E-step scores and trains on G rollouts of each trace, which share the trace's prompt (about 40% of
 # their tokens). One pass computes each prompt once: every prompt and continuation token goes through the
@@ -1064,8 +1063,8 @@ class SharedPrompts:
         p_index = np.where(p_valid, self.prompt_start[:, None] + offs, 0)
         p_mask = (offs[None, None, :] <= offs[None, :, None]) & p_valid[:, None, :]
         self.prompts = (t(p_index), t(p_valid), t(p_mask[:, None]))
-        # continuations, grouped by length (within a factor of 1.41) and padded within a group: the prompt's keys, then
-        # its own causally
+        # continuations, grouped by length (within a factor of 1.41), padded within a group; each attends to
+        # its prompt's keys, then causally to its own
         self.groups = []
         bucket = np.ceil(2 * np.log2(clen)).astype(np.int64)
         for b in np.unique(bucket):
@@ -1128,6 +1127,7 @@ def shared_prompt_hidden(model, layout):
     with _layout(layout):
         return model.base_model(input_ids=layout.input_ids, position_ids=layout.position_ids,
                                 attention_mask=stand_in, use_cache=False).last_hidden_state[0]
+
 
 # =====================================================================================================
 # 5. Distributed helpers
@@ -1297,8 +1297,8 @@ def wrap_for_ranks(net, dist_info, fsdp):
 def sampling_copy(model, sharded=False):
     """The weights a trainer samples from. On GPU (or CPU with CPU_BF16), fp32 master weights get a bf16
     copy: half the KV cache and twice the decode speed of sampling in fp32 (sync_sampling_copy after each
-    optimizer step). Otherwise, or already in 16 bits, the model itself, unless `sharded`. Only parameters are cast: buffers such as
-    rotary frequencies keep their precision.
+    optimizer step). Otherwise, or already in 16 bits, the model itself, unless `sharded`. Only parameters
+    are cast: buffers such as rotary frequencies keep their precision.
 
     sharded: the trainer is about to shard `model` with FSDP (call this before wrap_for_ranks). The sampler
     (Decoder) calls the model's layers itself, with its own KV cache, outside FSDP's forward, so it needs
