@@ -477,6 +477,30 @@ class Task:
         return [self.plan[i] if start else None for start, i in zip(self.step_starts(), self.step_of)]
 
 
+    def first_departure(self, completion):
+        """Where a failed completion of this task left the true plan, read from its comments: 'no comments',
+        'skipped a step' (a comment names the step after the one due), 'another step', 'wrong parameter'
+        (the step due, other parameters), 'unnamed comment' (no step's phrasing), 'extra comment' (more
+        comments than steps), 'stopped early' (fewer), or 'code after right comments'."""
+        comments = [line.strip() for line in completion.splitlines() if line.strip().startswith("#")]
+        if not comments:
+            return "no comments"
+        due = [(kind, tuple(sorted(p.items()))) for kind, p in zip(self.kinds, self.params)]
+        for i, comment in enumerate(comments):
+            names = names_of(comment)
+            if i >= len(due):
+                return "extra comment"
+            if due[i] in names:
+                continue
+            kinds = {kind for kind, _ in names}
+            if due[i][0] in kinds:
+                return "wrong parameter"
+            if i + 1 < len(due) and due[i + 1][0] in kinds:
+                return "skipped a step"
+            return "another step" if names else "unnamed comment"
+        return "stopped early" if len(comments) < len(due) else "code after right comments"
+
+
 LENGTHS = (2, 2, 3, 3, 4, 5)  # steps per composition, drawn uniformly from this tuple (pretraining, mid-training)
 
 

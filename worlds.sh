@@ -83,4 +83,14 @@ for w, split in [(w, s) for w in worlds for s in ("dev", "dev-long")]:
     n = min(len(scores["ntp"]), len(scores["oracle"]))
     gap = [o - t for o, t in zip(scores["oracle"][:n], scores["ntp"][:n])]
     print(f"| {w} | {split} | {fmt(scores['ntp'])} | {fmt(scores['oracle'])} | {fmt(gap)} |")
+
+# where the oracle's failures leave the true plan (its first comment that departs from it), all seeds
+import collections, minicode
+print("\n| world | dev split | oracle failures | by first departure from the true plan |\n| --- | --- | --- | --- |")
+for w, split in [(w, s) for w in worlds for s in ("dev", "dev-long")]:
+    tasks = {t.problem.task_id: t for t in minicode.split_tasks(w, split)}
+    failed = [json.loads(x) for p in sorted((out / w).glob(f"{split}-oracle*/samples.jsonl"))
+              for x in p.read_text().splitlines()]
+    kinds = collections.Counter(tasks[s["task_id"]].first_departure(s["completion"]) for s in failed if not s["passed"])
+    print(f"| {w} | {split} | {sum(kinds.values())} | " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + " |")
 EOF

@@ -261,3 +261,31 @@ def test_skills_world_by_name():
     traces, latents = D.load_traces("minicode-skills-midtrain-oracle", n_tasks=5)
     tasks = minicode.midtrain_tasks(5, world="skills")
     assert [sum(z is not None for z in zs) for zs in latents] == [len(t.kinds) for t in tasks]
+
+
+def _completion(task, latents):
+    return "".join((f"    {z}\n" if z else "") + a for z, a in zip(latents, task.trace.actions))
+
+
+def test_first_departure_says_where_a_completion_left_the_plan():
+    task = next(t for t in minicode.tasks(200, seed=9, held_out=True, lengths=(5,))
+                if any(t.params[1:4]) and len({k for k, _ in map(min, map(minicode.names_of, t.plan))}) == 5)
+    plan = task.true_plan()
+    starts = [t for t, z in enumerate(plan) if z]
+    assert task.first_departure(_completion(task, plan)) == "code after right comments"
+    assert task.first_departure(_completion(task, [None] * len(plan))) == "no comments"
+    drop = lambda i: [z if t != starts[i] else None for t, z in enumerate(plan)]  # noqa: E731
+    assert task.first_departure(_completion(task, drop(1))) == "skipped a step"
+    assert task.first_departure(_completion(task, drop(4))) == "stopped early"
+    assert task.first_departure(_completion(task, plan) + "    # sort ascending\n") == "extra comment"
+    i = next(i for i in range(1, 4) if task.params[i])
+    step = minicode.STEP_BY_KIND[task.kinds[i]]
+    other = next(p for p in minicode._param_choices(step) if p != task.params[i])
+    wrong = [minicode.plan_comment(step, other) if t == starts[i] else z for t, z in enumerate(plan)]
+    assert task.first_departure(_completion(task, wrong)) == "wrong parameter"
+    kind = next(s.kind for s in minicode.STEPS if s.kind not in task.kinds[:3] and not s.params)
+    another = [minicode.plan_comment(minicode.STEP_BY_KIND[kind], {}) if t == starts[0] else z for t, z in enumerate(plan)]
+    assert task.first_departure(_completion(task, another)) == "another step"
+    assert task.first_departure("    # tidy up a bit\n" + _completion(task, plan)) == "unnamed comment"
+    skills = minicode.split_tasks("skills", "dev")[0]  # a skill's expansion comment names the skill
+    assert skills.first_departure(_completion(skills, skills.true_plan())) == "code after right comments"
