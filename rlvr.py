@@ -61,7 +61,7 @@ parser.add_argument("--overwrite", action="store_true", help="replace a finished
 parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
 parser.add_argument("--seed", type=int, default=0, help="seed")
 parser.add_argument("--cpu-bf16", action="store_true", help="on CPU, compute in bf16 as on GPU (bf16 autocast and "
-                    "bf16 copies for sampling and frozen models): about 1.5x faster on CPUs with native bf16 "
+                    "bf16 copies for sampling and frozen models): 1.6-2x faster on CPUs with native bf16 "
                     "(AVX512-BF16, AMX), slower on others")
 parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
                     "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
