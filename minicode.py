@@ -629,12 +629,12 @@ SPLITS = {
     "dev-long": dict(n=500, seed=5, held_out="dev", lengths=(8,)),        # longer than any mid-training trace
 }
 # A skills world counts skills instead (2-3 steps each, 2.25 on average), in the same roles as the lengths
-# above: pretraining 1-3 skills (2-9 steps, 87% of them 2-6), mid-training and RL problems 2-3 (4-9 steps, like
-# plain's 3-7), heldout and dev 3 (6-9 steps, like plain's 5-7; of all 3-skill compositions 260 are test and
-# 117 dev), dev-long 4 (8-12 steps), one skill more than any mid-training trace: its oracle completions are
-# about as long as anon's 8 steps (95th percentile 224 tokens against 217), within worlds.sh's 320.
-SKILL_LENGTHS = {"pretrain": (1, 2, 2, 3), "midtrain": (2, 3), "train": (2, 3), "valid": (1, 2, 2, 3),
-                 "heldout": (3,), "dev": (3,), "dev-long": (4,)}
+# above: pretraining 1-3 skills (2-9 steps, 87% of them 2-6), mid-training 2-4 (4-12 steps) and RL problems
+# 3-4, heldout and dev 4 (8-12 steps, the top of mid-training's range as plain's 5-7 are of its 3-7),
+# dev-long 5 (10-15 steps), one skill more than any mid-training trace. Chosen on dev (LOG.md, 2026-12-01):
+# at 3 skills NTP already passed 98% of dev, which leaves nothing for latents to show.
+SKILL_LENGTHS = {"pretrain": (1, 2, 2, 3), "midtrain": (2, 3, 4), "train": (3, 4), "valid": (1, 2, 2, 3),
+                 "heldout": (4,), "dev": (4,), "dev-long": (5,)}
 CORPORA = ("pretrain", "midtrain", "midtrain-oracle")
 
 
@@ -697,7 +697,7 @@ def midtrain_tasks(n, seed=0, world=DEFAULT_WORLD):
 
 def corpus(kind, n, seed=0, world=DEFAULT_WORLD):
     """Text corpora of minicode. kind='pretrain': functions where ~half the steps carry a plan comment
-    (as real code often does); kind='midtrain': expert traces of 3-7 steps (2-3 skills in a skills world)
+    (as real code often does); kind='midtrain': expert traces of 3-7 steps (2-4 skills in a skills world)
     without comments (RA3's to annotate)."""
     if kind == "pretrain":  # load_traces keeps the comments apart
         return [render(t.trace, t.plan_comments) for t in pretrain_tasks(n, seed, world)]
