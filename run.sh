@@ -16,7 +16,7 @@
 # that finished exactly that, resumes one that was killed, and stops at one that finished something else
 # (other flags, other code, an input that changed) unless --fresh says to redo it.
 #
-#   bash run.sh                       # embedded default: minicode-base on minicode, ~15 min on a 2-core CPU
+#   bash run.sh                       # embedded default: minicode-base on minicode, ~7 min on a 2-core CPU
 #   bash run.sh --seeds 3 --eval-n 10 --eval-limit 200 --rl-steps 30   # the experiment of LOG.md
 #   bash run.sh --long                # a longer, stronger run
 #   bash run.sh --gpus 8 --model Qwen/Qwen2.5-1.5B --data hf:/data/code.jsonl --bench humaneval \
