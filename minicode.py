@@ -23,10 +23,12 @@ skill block spells it out; there the true plan says what the prompt does not. A 
 (parse) picks one; worlds.sh asks which lets latents pay.
 """
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import random
+import re
 
 from data import Problem, Trace, render
 
@@ -50,14 +52,19 @@ class World:
     last comment. anon: variables and the function get neutral names (res, tmp, solve), so the first
     tokens of a step no longer say which step it is. skills: the docstring names *skills* (SKILLS), fixed macros
     of 2-3 steps whose expansion only pretraining shows, and a plan comment spells the expansion out; with
-    anon's names the code does not say where one skill ends (see SKILLS)."""
+    anon's names the code does not say where one skill ends (see SKILLS). arith (with anon's names, anon's
+    tasks otherwise): the docstring writes each integer parameter as a small sum ("add 7 + 5 - 3 to every
+    number") while the code holds its value (`v + 9`), and a plan comment works the sum out first
+    ("# 7 + 5 = 12, 12 - 3 = 9: shift by 9"), a scratchpad for what a small model may not compute in one
+    forward pass (see expression)."""
     echo: bool = False
     anon: bool = False
     skills: bool = False
+    arith: bool = False
 
 
 WORLDS = {"plain": World(), "echo": World(echo=True), "anon": World(anon=True), "echo+anon": World(True, True),
-          "skills": World(anon=True, skills=True)}
+          "skills": World(anon=True, skills=True), "arith": World(anon=True, arith=True)}
 DEFAULT_WORLD = "plain"   # the world of the bare `minicode-*` names and of models/minicode-base
 NEUTRAL_NAMES = ("res", "out", "tmp", "cur", "data", "part", "got", "mid", "buf", "y", "z", "t", "r", "u")
 NEUTRAL_FUNCTIONS = ("solve", "compute", "transform", "process", "apply", "run")
@@ -362,10 +369,63 @@ SKILLS = [
 SKILL_BY_KIND = {k.kind: k for k in SKILLS}
 
 
-def plan_comment(unit, params):
+def plan_comment(unit, params, exprs=None):
     """The oracle's plan comment for a step (its first plan phrasing, parameters filled in) or a skill (its
-    expansion in its steps' first plan phrasings)."""
-    return "# " + unit.comment(params, lambda phrasings: phrasings[0])
+    expansion in its steps' first plan phrasings); in the arith world, after the working of exprs."""
+    return "# " + worked(exprs, unit.comment(params, lambda phrasings: phrasings[0]))
+
+
+# The arith world writes an integer parameter as a sum of 2-3 terms of 1..9 ("7 + 5 - 3" for 9) whose
+# partial results stay in 0..30: a step or two of small arithmetic, which its plan comment works out first.
+TERMS, PARTIALS = range(1, 10), range(0, 31)
+
+
+@functools.lru_cache(maxsize=None)
+def _sums(value, n_terms):
+    """Every sum of n_terms that equals value with each partial result in PARTIALS, as signed terms
+    ((7, 5, -3) is 7 + 5 - 3), in a fixed order. The first term is positive; 0 is a - a."""
+    signed = (*TERMS, *(-t for t in TERMS))
+    return tuple(terms for terms in itertools.product(TERMS, *[signed] * (n_terms - 1))
+                 if list(itertools.accumulate(terms))[-1] == value
+                 and all(p in PARTIALS for p in itertools.accumulate(terms)))
+
+
+def expression(rng, value):
+    """value as the text of a sum of 2 or 3 terms (half each), drawn uniformly among those that reach it."""
+    n_terms = rng.choice((2, 3))
+    sums = _sums(value, n_terms) or _sums(value, 5 - n_terms)
+    if not sums:
+        raise ValueError(f"no sum of 2-3 terms in {TERMS} reaches {value} within {PARTIALS}")
+    terms = rng.choice(sums)
+    return str(terms[0]) + "".join(f" {'+' if t > 0 else '-'} {abs(t)}" for t in terms[1:])
+
+
+def working(text):
+    """A sum's text worked out left to right: '7 + 5 - 3' -> '7 + 5 = 12, 12 - 3 = 9'."""
+    first, *rest = text.split()
+    partial, steps = int(first), []
+    for op, term in zip(rest[::2], rest[1::2]):
+        new = partial + int(term) if op == "+" else partial - int(term)
+        steps.append(f"{partial} {op} {term} = {new}")
+        partial = new
+    return ", ".join(steps)
+
+
+def worked(exprs, words):
+    """A plan comment's words after the working of a step's expressions ({param: text}, in the order of its
+    params, '; ' between two), or the words alone where the step has none."""
+    if not exprs:
+        return words
+    return "; ".join(working(text) for text in exprs.values()) + ": " + words
+
+
+# The working's fixed form, for names_of to read past (on a normalized comment).
+_WORKING = re.compile(r"^(\d+ [+-] \d+ = \d+(, |; ))*\d+ [+-] \d+ = \d+: ")
+
+
+def _expressions(rng, params):
+    """A step's integer parameters as sums ({name: text}); string parameters (sep, a, b) stay as they are."""
+    return {name: expression(rng, v) for name, v in params.items() if isinstance(v, int)}
 
 
 def _param_choices(step):
@@ -401,8 +461,9 @@ _NAMES = _plan_names()
 def names_of(comment):
     """The (kind, params) pairs a comment names, as a set: empty when it is no plan or docstring phrasing of
     a step (a few phrasings are shared by two kinds, so a comment can name more than one). A skill's name,
-    docstring phrasings and expansion comment (in any wording) name (skill, ())."""
-    return _NAMES.get(_normalize(comment), set())
+    docstring phrasings and expansion comment (in any wording) name (skill, ()). An arith comment names what
+    its words after the working name ("# 7 + 5 = 12, 12 - 3 = 9: shift by 9" names add_each with k 9)."""
+    return _NAMES.get(_WORKING.sub("", _normalize(comment)), set())
 
 
 RESULT_PHRASES = ["Return the result.", "Return what is left.", "Return the final value.", ""]
@@ -466,6 +527,7 @@ class Task:
     step_of: list           # per action: index of the step its line belongs to (None: the final return)
     params: list            # per step: its parameters, e.g. {"k": 3}
     plan: list              # per step: the oracle's plan comment
+    exprs: list = None      # per step: its integer parameters as the docstring writes them ({} outside arith)
 
     def step_starts(self):
         """Per action: does a step start here (the place a plan comment belongs)?"""
@@ -510,7 +572,8 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS,
     docstring in varied words and n_tests unit tests made by running the reference. comment_rate: share of
     steps that get a plan comment in the trace's latents. world: what the text gives away (World). In a skills
     world the composition is a chain of skills (lengths counts skills), each written as its steps' code, and
-    kinds, step_of, params (empty) and plan are per skill."""
+    kinds, step_of, params (empty) and plan are per skill. In an arith world the docstring writes each integer
+    parameter as a sum (expression) and every plan comment works the sums out first (worked)."""
     want = {False: ("train",), True: ("dev", "test")}.get(held_out, (held_out,))
     while True:
         chain = _random_chain(rng, rng.choice(lengths), SKILLS if world.skills else STEPS)
@@ -518,6 +581,11 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS,
         if side_of(kinds) in want:
             break
     params = [{name: rng.choice(choices) for name, choices in s.params} for s in chain]
+    if world.arith:  # drawn from a copy of the stream, which then moves on as anon's does, task for task
+        sub = random.Random(repr(rng.getstate()))
+        exprs = [_expressions(sub, p) for p in params]
+    else:
+        exprs = [{} for _ in params]
     steps = [step for unit, p in zip(chain, params) for step, _ in unit.expand(p)]
     arg = rng.choice(ARG_NAMES[chain[0].src])
     name = (rng.choice(NEUTRAL_FUNCTIONS) if world.anon
@@ -530,21 +598,22 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS,
             step_of += [i] * len(code)
             body += code
         commented.append(rng.random() < comment_rate)
-        own_words.append(unit.comment(p, rng.choice) if commented[-1] else None)
+        own_words.append(worked(exprs[i], unit.comment(p, rng.choice)) if commented[-1] else None)
     body.append(f"return {var}")
     step_of.append(None)
-    phrases = [rng.choice(unit.phrasings(p)) for unit, p in zip(chain, params)]
+    phrases = [rng.choice(unit.phrasings({**p, **e})) for unit, p, e in zip(chain, params, exprs)]
     prompt = f"def {name}({arg}):\n" + _docstring(_describe(rng, phrases, chain[0].src, arg))
     actions = [f"    {line}\n" for line in body]
     # comments: pretraining's (some units) and the oracle's (every unit), in the world's words
     words = phrases if world.echo else own_words
-    plan = [f"# {w}" for w in phrases] if world.echo else [plan_comment(s, p) for s, p in zip(chain, params)]
+    plan = ([f"# {w}" for w in phrases] if world.echo
+            else [plan_comment(s, p, e) for s, p, e in zip(chain, params, exprs)])
     plan_comments = [None] * len(actions)
     for t, i in enumerate(step_of):
         if i is not None and (t == 0 or step_of[t - 1] != i) and commented[i]:
             plan_comments[t] = words[i]
     problem = _problem(rng, prompt, "".join(actions), name, chain[0].src, n_tests)
-    return Task(kinds, problem, Trace("", prompt, actions), plan_comments, step_of, params, plan)
+    return Task(kinds, problem, Trace("", prompt, actions), plan_comments, step_of, params, plan, exprs)
 
 
 def _step_code(rng, step, params, var, used, world):
