@@ -289,3 +289,84 @@ def test_first_departure_says_where_a_completion_left_the_plan():
     assert task.first_departure("    # tidy up a bit\n" + _completion(task, plan)) == "unnamed comment"
     skills = minicode.split_tasks("skills", "dev")[0]  # a skill's expansion comment names the skill
     assert skills.first_departure(_completion(skills, skills.true_plan())) == "code after right comments"
+
+
+# ---- the arith world ----------------------------------------------------------------------------------------
+
+def _int_params(task, i):
+    return {name for name, v in task.params[i].items() if isinstance(v, int)}
+
+
+def test_arith_expressions_reach_their_values_in_range():
+    tasks = minicode.midtrain_tasks(300, world="arith") + minicode.pretrain_tasks(200, world="arith")
+    doc = lambda t: " ".join(t.problem.prompt.split())  # noqa: E731
+    n_terms = []
+    for t in tasks:
+        for i, exprs in enumerate(t.exprs):
+            assert set(exprs) == _int_params(t, i)  # every integer parameter, and only those
+            for name, text in exprs.items():
+                assert eval(text) == t.params[i][name]
+                terms = [int(text.split()[0])] + [int(o + n) for o, n in zip(text.split()[1::2], text.split()[2::2])]
+                assert all(1 <= abs(x) <= 9 for x in terms) and terms[0] > 0
+                assert all(0 <= sum(terms[:j]) <= 30 for j in range(1, len(terms) + 1))
+                n_terms.append(len(terms))
+                assert text in doc(t)  # the docstring writes the sum, the code the value
+    assert set(n_terms) == {2, 3} and 0.35 < n_terms.count(2) / len(n_terms) < 0.65
+    values = {v for s in minicode.STEPS for _, choices in s.params for v in choices if isinstance(v, int)}
+    assert 0 in values and all(minicode._sums(v, 2) and minicode._sums(v, 3) for v in values)  # 0 is a - a
+
+
+def test_arith_true_plan_works_the_sum_out_and_names_the_step():
+    for t in minicode.midtrain_tasks(200, world="arith") + minicode.split_tasks("arith", "dev")[:50]:
+        plan = t.true_plan()
+        for z, start, i in zip(plan, t.step_starts(), t.step_of):
+            if not start:
+                continue
+            step, params = minicode.STEP_BY_KIND[t.kinds[i]], t.params[i]
+            words = step.plan[0].format(**params)
+            if not t.exprs[i]:
+                assert z == f"# {words}"
+            else:
+                head, tail = z[2:].split(": ")
+                assert tail == words
+                for name, chain in zip(t.exprs[i], head.split("; ")):  # one chain of equations per parameter
+                    equations = [re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)", e).groups() for e in chain.split(", ")]
+                    for a, op, b, c in equations:
+                        assert eval(f"{a} {op} {b}") == int(c)  # each step of the working is right
+                    for (_, _, _, c), (a, _, _, _) in zip(equations, equations[1:]):
+                        assert c == a  # and carries on from the previous result
+                    assert int(equations[-1][3]) == params[name]  # the working ends at the code's value
+            assert (t.kinds[i], tuple(sorted(params.items()))) in minicode.names_of(z)  # some words omit k
+        ast.parse(D.render(t.trace, plan))
+        assert t.first_departure(_completion(t, plan)) == "code after right comments"
+
+
+def test_names_of_reads_arith_comments():
+    assert minicode.names_of("# 7 + 5 = 12, 12 - 2 = 10: shift by 10") == {("add_each", (("k", 10),))}
+    assert minicode.names_of("# 4 + 6 = 10: shift by 10") == {("add_each", (("k", 10),))}
+    assert minicode.names_of("#  8 - 2 = 6, 6 + 4 = 10:  Add 10 to each") == {("add_each", (("k", 10),))}
+    assert minicode.names_of("# 3 - 3 = 0; 2 + 7 = 9: clip to [0, 9]") == {("clamp", (("hi", 9), ("lo", 0)))}
+    assert minicode.names_of("# 4 + 6 = 10:") == set() and minicode.names_of("# 4 + 6: shift by 10") == set()
+
+
+def test_arith_is_anon_task_for_task_but_its_words():
+    for a, n in zip(minicode.pretrain_tasks(200, world="arith"), minicode.pretrain_tasks(200, world="anon")):
+        assert (a.kinds, a.params, a.trace.actions, a.problem.test) == (n.kinds, n.params, n.trace.actions, n.problem.test)
+        for za, zn in zip(a.plan_comments, n.plan_comments):  # the same comments, after their working
+            assert (za is None) == (zn is None) and (za is None or za.endswith(zn[2:]))
+    mid = minicode.midtrain_tasks(400, world="arith")
+    steps = [e for t in mid for e in t.exprs]
+    assert 0.2 < sum(bool(e) for e in steps) / len(steps) < 0.6  # a fair share of steps carry a sum
+
+
+def test_arith_world_by_name():
+    assert minicode.parse("minicode-arith-midtrain") == ("arith", "midtrain")
+    assert "minicode-arith-dev-long" in minicode.names() and "minicode-arith-midtrain-oracle" in minicode.names("corpus")
+    dev = minicode.split_tasks("arith", "dev")
+    assert len(dev) == 500 and dev[0].problem.prompt == D.load_problems("minicode-arith-dev")[0].prompt
+    for t in dev[:200] + minicode.midtrain_tasks(200, world="arith"):  # the references pass their own tests
+        ns = {}
+        exec(t.problem.prompt + t.problem.canonical_solution + t.problem.test, ns)
+        ns["check"](ns[t.problem.entry_point])
+    traces, latents = D.load_traces("minicode-arith-midtrain-oracle", n_tasks=5)
+    assert latents == [t.true_plan() for t in minicode.midtrain_tasks(5, world="arith")]
