@@ -19,7 +19,10 @@ Worlds (WORLDS) differ in what the text gives away: plain (the default) comments
 own and names variables after their steps; echo's comments restate the docstring's words; anon's names
 are neutral. In skills (with anon's names) the docstring names *skills* (SKILLS: fixed macros of 2-3 steps)
 instead of steps, so what each one expands into is world knowledge from pretraining, and a plan comment per
-skill block spells it out; there the true plan says what the prompt does not. A name `minicode-WORLD-SPLIT`
+skill block spells it out; there the true plan says what the prompt does not. In arith (anon's tasks, task for
+task) the docstring writes each integer parameter as a small sum ("add 7 + 5 - 3") and the code holds its
+value (`+ 9`); a plan comment works the sum out first ("# 7 + 5 = 12, 12 - 3 = 9: shift by 9"), something
+the context determines but a small model may not compute in one forward pass. A name `minicode-WORLD-SPLIT`
 (parse) picks one; worlds.sh asks which lets latents pay.
 """
 import dataclasses

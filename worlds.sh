@@ -17,6 +17,7 @@
 #   bash worlds.sh --worlds anon --hidden 256 --layers 8 --out runs/worlds-256    # an 8.1M-parameter base
 #   bash worlds.sh --worlds skills --out runs/worlds-skills   # docstrings name skills, comments expand them
 #   bash worlds.sh --worlds skills --serial --cpu-bf16 --out runs/worlds-cpu     # the same on a 2-core CPU
+#   bash worlds.sh --worlds arith --serial --cpu-bf16 --out runs/worlds-arith   # parameters as sums
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --serial) SERIAL=1; shift ;;
     --cpu-bf16) BF16=--cpu-bf16; shift ;;
-    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) echo "worlds.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
