@@ -10,7 +10,8 @@
 # and prints oracle - NTP per world. Meant for a GPU (the base model is 106 s on an H200, ~3.5 h on 2 CPU
 # cores in fp32); --base-steps trades quality for time. On a CPU: --serial (one job at a time, not every
 # world and seed side by side) and --cpu-bf16 (the trainers in bf16: a base model in about 55 minutes on 2
-# cores with AVX512-BF16).
+# cores with AVX512-BF16). A stage whose summary.json exists is reused as it is, so after changing a world
+# (its lengths, its text) write to a new --out, or the table mixes the old world's runs with the new one's.
 #
 #   bash worlds.sh                                   # echo, anon and echo+anon, 3 seeds, into runs/worlds
 #   bash worlds.sh --worlds "plain echo" --seeds 1 --base-steps 100 --out runs/worlds-quick
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --serial) SERIAL=1; shift ;;
     --cpu-bf16) BF16=--cpu-bf16; shift ;;
-    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
     *) echo "worlds.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -90,8 +91,8 @@ import collections, minicode
 print("\n| world | dev split | oracle failures | by first departure from the true plan |\n| --- | --- | --- | --- |")
 for w, split in [(w, s) for w in worlds for s in ("dev", "dev-long")]:
     tasks = {t.problem.task_id: t for t in minicode.split_tasks(w, split)}
-    failed = [json.loads(x) for p in sorted((out / w).glob(f"{split}-oracle*/samples.jsonl"))
-              for x in p.read_text().splitlines()]
-    kinds = collections.Counter(tasks[s["task_id"]].first_departure(s["completion"]) for s in failed if not s["passed"])
+    samples = [json.loads(x) for p in sorted((out / w).glob(f"{split}-oracle*/samples.jsonl"))
+               for x in p.read_text().splitlines()]
+    kinds = collections.Counter(tasks[s["task_id"]].first_departure(s["completion"]) for s in samples if not s["passed"])
     print(f"| {w} | {split} | {sum(kinds.values())} | " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + " |")
 EOF
