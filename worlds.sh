@@ -34,7 +34,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --serial) SERIAL=1; shift ;;
     --cpu-bf16) BF16=--cpu-bf16; shift ;;
-    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,21p "$0"; exit 0 ;;
     *) echo "worlds.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
