@@ -10,11 +10,14 @@ E-step (--estep): estep.py's own loop on minicode at --estep-batch traces x 8 ro
 of an update's phases (rollout, rewards, training) and the time to annotate --estep-annotate traces;
 with --profile, where the time goes (the functions with the most cumulative time); with
 --baseline-commit C, the same loop of commit C's files, alternating with ours in one run, and the ratio.
+RL (--rlvr): the same for rlvr.py's loop at its default batch (16 prompts x 8 samples): the median time
+of a step's phases (sampling, scoring pi_old, waiting for the tests, the update).
 
     python bench.py                                   # CPU, tiny preset
     python bench.py --model smollm2 --prompts 64 --n 4,10 --max-new-tokens 128   # GPU
     python bench.py --estep --model minicode-base --profile                       # the E-step update
     python bench.py --estep --model minicode-base --baseline-commit 431c937        # and its speed-up over 431c937
+    python bench.py --rlvr --model minicode-base --baseline-commit 412f804         # an RL step against 412f804
 """
 import argparse
 import contextlib
@@ -36,16 +39,17 @@ parser.add_argument("--skip-hf", action="store_true", help="skip the transformer
 parser.add_argument("--compile", action="store_true", help="also time the sampler with torch.compile (GPU)")
 parser.add_argument("--profile", action="store_true", help="print where a decode step spends its GPU time")
 parser.add_argument("--estep", action="store_true", help="time the E-step instead of the sampler and scorer")
+parser.add_argument("--rlvr", action="store_true", help="time rlvr.py's step instead of the sampler and scorer")
 parser.add_argument("--estep-batch", type=int, default=16, help="--estep: traces per update (B; G = 8)")
-parser.add_argument("--estep-steps", type=int, default=6, help="--estep: updates timed")
+parser.add_argument("--updates", type=int, default=6, help="--estep/--rlvr: updates (RL steps) timed")
 parser.add_argument("--estep-annotate", type=int, default=1000, help="--estep: traces annotated")
 parser.add_argument("--baseline-commit", default=None,
-                    help="--estep: also time this commit's estep.py (e.g. 431c937) in the same run, print the ratio")
+                    help="--estep/--rlvr: also time this commit's script (e.g. 431c937) in the same run, print the ratio")
 parser.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 keeps timings sane on a machine shared with other jobs")
 parser.add_argument("--cpu-bf16", action="store_true",
-                    help="--estep: run estep.py with --cpu-bf16 (a baseline commit without that flag runs in fp32)")
-parser.add_argument("--estep-repeats", type=int, default=1, help="--estep: runs of each, alternating; the best kept")
+                    help="--estep/--rlvr: run the script with --cpu-bf16 (a baseline commit without that flag runs in fp32)")
+parser.add_argument("--repeats", type=int, default=1, help="--estep/--rlvr: runs of each, alternating; the best kept")
 parser.add_argument("--out", default=None, help="write bench.json here")
 args = parser.parse_args()
 
@@ -202,35 +206,35 @@ def bench_scorer(mdl, tok, results):
 
 
 # one E-step run in a subprocess whose sys.path starts at `root` (this tree, or a baseline commit's files), so
-# that `import estep` and the `model` it imports are that tree's; flags its parser lacks are dropped
-ESTEP_WORKER = """
-import cProfile, io, json, pstats, statistics, sys, tempfile, time
+# that `import stage` and the `model` it imports are that tree's; flags its parser lacks are dropped
+STAGE_WORKER = """
+import cProfile, importlib, io, json, pstats, statistics, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import torch
-import estep
+stage = importlib.import_module({stage!r})
 torch.set_num_threads({threads})
-argv, known, kept = {argv!r}, {{a for x in estep.parser._actions for a in x.option_strings}}, []
+argv, known, kept = {argv!r}, {{a for x in stage.parser._actions for a in x.option_strings}}, []
 for i, x in enumerate(argv):
     if x.startswith("--") and x not in known:
         continue
     if not x.startswith("--") and argv[i - 1] not in known:
         continue
     kept.append(x)
-spent, annotate = [], estep.annotate
+spent, annotate = [], getattr(stage, "annotate", None)
 def timed_annotate(*a, **k):
     t = time.perf_counter()
     out = annotate(*a, **k)
     spent.append(time.perf_counter() - t)
     return out
-estep.annotate = timed_annotate
+stage.annotate = timed_annotate
 with tempfile.TemporaryDirectory() as out:
     prof = cProfile.Profile() if {profile} else None
-    args = estep.parser.parse_args(kept + ["--out", out])
-    prof.runcall(estep.main, args) if prof else estep.main(args)
+    args = stage.parser.parse_args(kept + ["--out", out])
+    prof.runcall(stage.main, args) if prof else stage.main(args)
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-rows = [r for r in rows if "rollout_s" in r]
-res = {{k: statistics.median(r[k] for r in rows) for k in ("rollout_s", "reward_s", "train_s")}}
+rows = [r for r in rows if {{*{phases!r}}} <= r.keys()]
+res = {{k: statistics.median(r[k] for r in rows) for k in {phases!r}}}
 res.update(updates=len(rows), annotate_s=sum(spent), annotate_mode=getattr(args, "annotate", None), flags=kept)
 if prof:
     text = io.StringIO()
@@ -240,21 +244,34 @@ print("RESULT " + json.dumps(res))
 """
 
 
-def estep_run(root, profile=False):
-    """estep.py's own loop from the tree at `root`: median phases of an update and the annotation's seconds."""
+# per stage: its flags for the benchmark, and the phases of one update (seconds logged in metrics.jsonl)
+STAGES = dict(
+    estep=(lambda: ["--batch-traces", str(args.estep_batch), "--group", "8", "--steps", str(args.updates),
+                    "--eval-traces", "0", "--annotate-limit", str(args.estep_annotate)],
+           ("rollout_s", "reward_s", "train_s")),
+    rlvr=(lambda: ["--batch-prompts", "16", "--group", "8", "--steps", str(args.updates), "--eval-limit", "1",
+                   "--eval-every", "1000", "--workers", "2", "--problems", "minicode-train",
+                   "--eval-bench", "minicode-heldout"],
+          ("sample_s", "score_s", "reward_wait_s", "train_s")),
+)
+
+
+def stage_run(stage, root, profile=False):
+    """The stage's own loop (estep.py or rlvr.py) from the tree at `root`: the median of each phase of an
+    update (and their sum, update_s) and the seconds spent annotating."""
     import subprocess
     import sys
-    argv = ["--model", args.model, "--batch-traces", str(args.estep_batch), "--group", "8",
-            "--steps", str(args.estep_steps), "--eval-traces", "0", "--annotate-limit", str(args.estep_annotate)]
-    argv += ["--cpu-bf16"] if args.cpu_bf16 else []
-    code = ESTEP_WORKER.format(root=str(root), argv=argv, profile=profile, threads=torch.get_num_threads())
+    flags, phases = STAGES[stage]
+    argv = ["--model", args.model] + flags() + (["--cpu-bf16"] if args.cpu_bf16 else [])
+    code = STAGE_WORKER.format(root=str(root), stage=stage, argv=argv, phases=phases, profile=profile,
+                               threads=torch.get_num_threads())
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"E-step run in {root} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{stage} run in {root} failed:\n{done.stderr[-3000:]}")
     if profile:
         print(done.stderr[done.stderr.find("   Ordered by"):], flush=True)
     res = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    res["update_s"] = res["rollout_s"] + res["reward_s"] + res["train_s"]
+    res["update_s"] = sum(res[k] for k in phases)
     return res
 
 
@@ -270,45 +287,44 @@ def checkout(commit):
         yield Path(d)
 
 
-def describe(name, r):
-    return (f"{name}: update {r['update_s']:.2f} s (rollout {r['rollout_s']:.2f}, rewards {r['reward_s']:.2f}, "
-            f"training {r['train_s']:.2f}); annotating {args.estep_annotate} traces ({r['annotate_mode']}): "
-            f"{r['annotate_s']:.1f} s")
+def describe(stage, name, r):
+    phases = ", ".join(f"{k[:-2]} {r[k]:.2f}" for k in STAGES[stage][1])
+    annotated = (f"; annotating {args.estep_annotate} traces ({r['annotate_mode']}): {r['annotate_s']:.1f} s"
+                 if stage == "estep" else "")
+    return f"{name}: update {r['update_s']:.2f} s ({phases}){annotated}"
 
 
-def bench_estep(results):
-    """estep.py's loop itself (no copy of it here), each run in its own process: the phases' median seconds
-    over the updates, from its metrics.jsonl, and the seconds spent in estep.annotate. With
-    --baseline-commit, that commit's estep.py runs the same way, alternating with ours (--estep-repeats
-    times each, the best of each kept), and the ratios are printed: one machine, one run, one load."""
+def bench_stage(stage, results):
+    """estep.py's or rlvr.py's loop itself (no copy of it here), each run in its own process: the phases'
+    median seconds over the updates, from its metrics.jsonl (and for the E-step the seconds spent in
+    estep.annotate). With --baseline-commit, that commit's script runs the same way, alternating with ours
+    (--repeats times each, the best of each kept), and the ratios are printed: one machine, one run,
+    one load."""
     here = Path(__file__).resolve().parent
     ours, base = [], []
     with (checkout(args.baseline_commit) if args.baseline_commit else contextlib.nullcontext()) as old:
-        for k in range(args.estep_repeats):
+        for k in range(args.repeats):
             if old is not None:
-                base.append(estep_run(old))
-                print(describe(f"baseline {args.baseline_commit}, run {k + 1}", base[-1]), flush=True)
-            ours.append(estep_run(here, profile=args.profile and k == 0))
-            print(describe(f"this tree, run {k + 1}", ours[-1]), flush=True)
+                base.append(stage_run(stage, old))
+                print(describe(stage, f"baseline {args.baseline_commit}, run {k + 1}", base[-1]), flush=True)
+            ours.append(stage_run(stage, here, profile=args.profile and k == 0))
+            print(describe(stage, f"this tree, run {k + 1}", ours[-1]), flush=True)
     best = lambda runs, key: min(r[key] for r in runs)  # noqa: E731  (the least disturbed run)
-    keys = ("update_s", "rollout_s", "reward_s", "train_s", "annotate_s")
-    results["estep"] = dict(batch=args.estep_batch, group=8, annotated=args.estep_annotate, runs=ours,
-                            **{k: best(ours, k) for k in keys})
-    print(f"E-step update at B={args.estep_batch}, G=8: {results['estep']['update_s']:.2f} s; annotating "
-          f"{args.estep_annotate} traces: {results['estep']['annotate_s']:.1f} s", flush=True)
+    keys = ("update_s", *STAGES[stage][1]) + (("annotate_s",) if stage == "estep" else ())
+    results[stage] = dict(runs=ours, **{k: best(ours, k) for k in keys})
+    print(describe(stage, f"{stage}, best of {args.repeats}", results[stage]), flush=True)
     if base:
         results["baseline"] = dict(commit=args.baseline_commit, runs=base, **{k: best(base, k) for k in keys})
         ratio = {k: best(base, k) / best(ours, k) for k in keys}
         results["speedup"] = ratio
-        print(f"speed-up against {args.baseline_commit} (its time / ours, best of {args.estep_repeats}): update "
-              f"{ratio['update_s']:.2f}x (rollout {ratio['rollout_s']:.2f}x, rewards {ratio['reward_s']:.2f}x, "
-              f"training {ratio['train_s']:.2f}x); annotation {ratio['annotate_s']:.2f}x", flush=True)
+        print(f"speed-up against {args.baseline_commit} (its time / ours, best of {args.repeats}): " +
+              ", ".join(f"{k[:-2]} {v:.2f}x" for k, v in ratio.items()), flush=True)
 
 
 def main():
-    if args.estep:
+    if args.estep or args.rlvr:
         results = dict(model=args.model, torch=torch.__version__)
-        bench_estep(results)
+        bench_stage("estep" if args.estep else "rlvr", results)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "bench.json").write_text(json.dumps(results, indent=2))

@@ -1036,7 +1036,7 @@ def hidden_logprobs(model, hidden, input_ids, doc_ids, temperature=1.0, chunk=No
 
 # ---- prompts shared by their continuations --------------------------------------------------------------
 # The E-step scores and trains on G rollouts of each trace, which share the trace's prompt (about 40% of
-# their tokens). One pass computes each prompt once: every prompt and continuation token goes through the
+# their tokens), and GRPO on G completions of each problem's prompt. One pass computes each prompt once: every prompt and continuation token goes through the
 # linear layers in one sequence (batch 1, no padding), and attention, which must keep a continuation apart
 # from its siblings, runs per group of similar lengths: each continuation over its prompt's K/V and its own.
 # It is differentiable: the backward sums each prompt's gradient over its continuations.
@@ -1080,6 +1080,14 @@ class SharedPrompts:
     def at(self, r, p):
         b = self.prompt_of[r]
         return int(self.prompt_start[b] + p if p < self.plen[b] else self.cont_start[r] + p - self.plen[b])
+
+    def continuation_targets(self):
+        """(at, targets): every continuation token, continuation-major, and the flat index of the token that
+        predicts it (its prompt's last token for the first, else the continuation's previous one)."""
+        first = self.cont_start[0]  # continuations follow all prompts
+        at = np.arange(first, self.input_ids.shape[1]) - 1
+        at[self.cont_start - first] = (self.prompt_start + self.plen - 1)[self.prompt_of]
+        return torch.from_numpy(at).to(self.input_ids.device), self.input_ids[0, first:]
 
     def attend(self, layer, query, key, value, mask, scaling):
         q, k, v = query[0], key[0], value[0]  # [heads, N, head_dim], [kv_heads, N, head_dim]
@@ -1127,6 +1135,22 @@ def shared_prompt_hidden(model, layout):
     with _layout(layout):
         return model.base_model(input_ids=layout.input_ids, position_ids=layout.position_ids,
                                 attention_mask=stand_in, use_cache=False).last_hidden_state[0]
+
+
+class ContinuationLogProbs(torch.nn.Module):
+    """The model as rlvr.py's DDP/FSDP sees it: a SharedPrompts layout in, log p (at `temperature`) of every
+    continuation token out, flat and continuation-major, each prompt computed once."""
+
+    def __init__(self, model, temperature=1.0):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, layout):
+        at, targets = layout.continuation_targets()
+        hidden = shared_prompt_hidden(self.model, layout)[at]
+        if hidden.shape[0] * self.model.config.vocab_size * 4 <= FULL_LOGITS_BYTES:
+            return token_logprobs(self.model, hidden, targets, self.temperature)
+        return chunked_logprobs(self.model, hidden, targets, self.temperature)
 
 
 # =====================================================================================================

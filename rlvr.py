@@ -12,8 +12,9 @@ Paper map (RA3, arXiv 2509.25810, post-training as ../shared/DESIGN.md implement
 
 One step (`rl_step`): sample G completions for each of P prompts with model.py's sampler, a chunk of prompts
 at a time, sending each chunk's programs to eval_code.py's sandbox pool as soon as it is sampled; while
-the programs run, the GPU scores pi_old (and pi_ref) on the same packed tokens the update will use, so the
-first epoch's ratios are exactly 1; then rewards, advantages, and --epochs passes of clipped updates.
+the programs run, the GPU scores pi_old (and pi_ref) by the same forward the update will use, so the
+first epoch's ratios are exactly 1 (each prompt computed once for its G completions: model.SharedPrompts);
+then rewards, advantages, and --epochs passes of clipped updates.
 Rewards come from programs that may loop or crash: each runs in its own sandbox with a time limit, and the
 worst case of a step is bounded well under the distributed timeout (`check_reward_bound`).
 
@@ -167,42 +168,36 @@ def check_reward_bound(n_jobs, workers, timeout, world):
 
 @dataclasses.dataclass
 class MicroBatch:
-    ids: torch.Tensor       # packed prompt + completion tokens [rows, T]
-    pos: torch.Tensor
-    doc: torch.Tensor       # index of the sample within the micro-batch; -1 in padding
-    mask: torch.Tensor      # True on completion tokens (the policy's actions)
-    sample_lp: torch.Tensor  # the sampler's log-prob of each completion token (0 off the mask)
-    first: int              # index of the micro-batch's first sample in the step
-    adv: torch.Tensor = None  # the advantage of each token's sample (0 off the mask)
+    layout: M.SharedPrompts  # its samples' prompts (each once) and completions, as one pass
+    sample: torch.Tensor     # per completion token (flat, sample-major): its sample's index in the step
+    sample_lp: torch.Tensor  # per completion token: its log-prob under the sampler
+    adv: torch.Tensor = None  # per completion token: its sample's advantage
     old: torch.Tensor = None
     ref: torch.Tensor = None
 
 
 def micro_batches(samples, micro_rows, device):
-    """The samples packed micro_rows at a time; every rank makes the same number (same samples per rank)."""
+    """The samples micro_rows at a time, each a SharedPrompts pass: the G samples of a problem (consecutive,
+    prompt-major) share their prompt, computed once. Every rank makes the same number (same samples per rank)."""
     out = []
     for m in range(0, len(samples), micro_rows):
         part = samples[m:m + micro_rows]
-        docs = [s.prompt + s.ids for s in part]
-        p = D.pack(docs, max(len(d) for d in docs), [[False] * len(s.prompt) + [True] * len(s.ids) for s in part])
-        lp = _per_token(p, [[0.0] * len(s.prompt) + s.sample_lp for s in part])
-        out.append(MicroBatch(*(t.to(device) for t in (p.input_ids, p.position_ids, p.doc_ids, p.loss_mask, lp)),
-                              first=m))
+        prompts, prompt_of = [], []
+        for i, s in enumerate(part):
+            if i == 0 or s.prompt != part[i - 1].prompt:
+                prompts.append(s.prompt)
+            prompt_of.append(len(prompts) - 1)
+        layout = M.SharedPrompts(prompts, [s.ids for s in part], prompt_of, device)
+        sample = torch.tensor([m + i for i, s in enumerate(part) for _ in s.ids], device=device)
+        lp = torch.tensor([x for s in part for x in s.sample_lp], dtype=torch.float32, device=device)
+        out.append(MicroBatch(layout, sample, lp))
     return out
 
 
-def _per_token(p, values):
-    """Per-document value lists laid out like the packed rows (a document is never split here)."""
-    flat = torch.tensor([v for doc in values for v in doc], dtype=torch.float32)
-    offsets = torch.tensor(np.cumsum([0] + [len(doc) for doc in values[:-1]]))
-    doc = p.doc_ids.clamp(min=0)
-    return torch.where(p.doc_ids >= 0, flat[offsets[doc] + p.position_ids], 0.0)
-
-
 def set_advantages(batches, advantages):
-    adv = torch.tensor(np.asarray(advantages, dtype=np.float32), device=batches[0].doc.device)
+    adv = torch.tensor(np.asarray(advantages, dtype=np.float32), device=batches[0].sample.device)
     for b in batches:
-        b.adv = torch.where(b.mask, adv[b.first + b.doc.clamp(min=0)], 0.0)
+        b.adv = adv[b.sample]
 
 
 @torch.no_grad()
@@ -210,9 +205,9 @@ def score_old(net, ref_net, batches, device):
     """pi_old (and pi_ref) log-probs of every micro-batch, by the same forward the update uses."""
     for b in batches:
         with M.autocast(device):
-            b.old = net(b.ids, b.pos, b.doc).float()
+            b.old = net(b.layout).float()
             if ref_net is not None:
-                b.ref = ref_net(b.ids, b.pos, b.doc).float()
+                b.ref = ref_net(b.layout).float()
     if hasattr(ref_net, "reshard"):  # FSDP keeps a root's own weights whole after a forward, for the backward
         ref_net.reshard()            # that follows; the reference has none, so give its memory back
 
@@ -223,26 +218,26 @@ def policy_loss(new, b, clip_low, clip_high, kl, denominator):
     ratio = torch.exp(new - b.old)
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     objective = torch.minimum(ratio * b.adv, clipped * b.adv)
-    loss = -(objective * b.mask).sum()
+    loss = -objective.sum()
     k3 = torch.zeros((), device=new.device)
     if b.ref is not None:
         log_r = b.ref - new
-        k3 = ((torch.exp(log_r) - log_r - 1) * b.mask).sum()
+        k3 = (torch.exp(log_r) - log_r - 1).sum()
         loss = loss + kl * k3
-    n_clipped = ((ratio * b.adv > clipped * b.adv) & b.mask).sum()
+    n_clipped = (ratio * b.adv > clipped * b.adv).sum()
     return loss / denominator, k3.detach(), n_clipped
 
 
 def update(net, optimizer, batches, args, world, device):
     """--epochs passes of clipped updates over this rank's micro-batches; gradients are summed over
     micro-batches and ranks, each token weighted 1 / (completion tokens of the global batch)."""
-    denominator = M.all_reduce_sum(sum(float(b.mask.sum()) for b in batches))
+    denominator = M.all_reduce_sum(sum(len(b.sample) for b in batches))
     k3_sum = clip_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
     for _ in range(args.epochs):
         for k, b in enumerate(batches):
             sync = k == len(batches) - 1 or not hasattr(net, "no_sync")
             with (net.no_sync() if not sync else contextlib.nullcontext()), M.autocast(device):
-                loss, k3, n_clipped = policy_loss(net(b.ids, b.pos, b.doc).float(), b, args.clip_low,
+                loss, k3, n_clipped = policy_loss(net(b.layout).float(), b, args.clip_low,
                                                   args.clip_high, args.kl, max(denominator, 1.0))
                 (loss * world).backward()  # DDP averages gradients over ranks; the loss wants their sum
             k3_sum, clip_sum = k3_sum + k3, clip_sum + n_clipped
@@ -329,9 +324,8 @@ def rl_step(policy, sampler, net, ref_net, tok, optimizer, problems, executor, a
     stats = update(net, optimizer, batches, args, dist.world, device)
     M.sync_sampling_copy(sampler, policy)
     t4 = time.perf_counter()
-    # sampler (KV cache, CUDA graphs) against trainer (packed forward): they should agree to rounding
-    gap = sum(float(((b.old - b.sample_lp).abs() * b.mask).sum()) for b in batches) / \
-        max(sum(float(b.mask.sum()) for b in batches), 1.0)
+    # sampler (KV cache, CUDA graphs) against trainer (shared-prompt forward): they should agree to rounding
+    gap = sum(float((b.old - b.sample_lp).abs().sum()) for b in batches) / max(sum(len(b.sample) for b in batches), 1)
     local = dict(reward=float(rewards.mean()), pass_rate=float((rewards == 1).mean()),
                  think_rate=D.think_rate([s.text for s in samples]),
                  sample_len=float(np.mean([len(s.ids) for s in samples])),
@@ -372,10 +366,10 @@ def main(args):
     ref_net = None
     if args.kl > 0:  # sharded (--fsdp) before the sampling copy is made: three whole models need not fit at once
         ref = copy.deepcopy(policy).requires_grad_(False).eval()
-        ref_net = M.wrap_for_ranks(M.PackedLogProbs(ref, args.temperature), dist, args.fsdp)
+        ref_net = M.wrap_for_ranks(M.ContinuationLogProbs(ref, args.temperature), dist, args.fsdp)
     # on GPU a bf16 copy to sample from; under FSDP a whole copy (the policy's weights become shards)
     sampler = M.sampling_copy(policy, sharded=M.shards(dist, args.fsdp))
-    net = M.wrap_for_ranks(M.PackedLogProbs(policy, args.temperature), dist, args.fsdp)
+    net = M.wrap_for_ranks(M.ContinuationLogProbs(policy, args.temperature), dist, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
     per_rank = args.batch_prompts // dist.world

@@ -39,13 +39,15 @@ def test_group_advantages_match_loop():
         assert zero == sum(len(set(r[g * group:(g + 1) * group])) == 1 for g in range(6)) / 6
 
 
-def fake_samples(n, seed=0, vocab=200):
+def fake_samples(n, seed=0, vocab=200, group=4):
+    """n samples, prompt-major: each group of `group` shares its problem's prompt, as rlvr.py samples them."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        prompt = rng.integers(3, vocab, size=rng.integers(4, 12)).tolist()
+        if i % group == 0:
+            prompt = rng.integers(3, vocab, size=rng.integers(4, 12)).tolist()
         ids = rng.integers(3, vocab, size=rng.integers(1, 20)).tolist()
-        out.append(rlvr.Sample(i // 4, prompt, ids, [0.0] * len(ids), "", False))
+        out.append(rlvr.Sample(i // group, prompt, ids, [0.0] * len(ids), "", False))
     return out
 
 
@@ -53,8 +55,8 @@ def one_update(samples, adv, micro_rows, epochs=1, kl=0.0, seed=0):
     """Parameters after one update of a tiny model by SGD on these samples and advantages."""
     mdl, _ = tiny("tiny-llama", seed=seed)
     mdl.train()
-    net = M.PackedLogProbs(mdl, temperature=0.9)
-    ref = M.PackedLogProbs(tiny("tiny-llama", seed=seed + 1)[0], temperature=0.9) if kl else None
+    net = M.ContinuationLogProbs(mdl, temperature=0.9)
+    ref = M.ContinuationLogProbs(tiny("tiny-llama", seed=seed + 1)[0], temperature=0.9) if kl else None
     args = rlvr.parser.parse_args(["--epochs", str(epochs), "--kl", str(kl)])
     batches = rlvr.micro_batches(samples, micro_rows, torch.device("cpu"))
     rlvr.score_old(net, ref, batches, torch.device("cpu"))
@@ -72,7 +74,7 @@ def test_update_is_the_same_for_any_micro_batch_split(epochs, kl):
     start, _ = tiny("tiny-llama")
     start = torch.cat([p.detach().flatten() for p in start.parameters()])
     assert (base - start).abs().max() > 1e-4  # one step changes the parameters
-    for micro in (8, 4):
+    for micro in (8, 4, 3):  # 3: a problem's samples split over two passes, its prompt in both
         other, _ = one_update(samples, adv, micro, epochs, kl)
         assert torch.allclose(base, other, atol=2e-6), (micro, (base - other).abs().max())
 
@@ -82,22 +84,29 @@ def test_first_epoch_ratio_is_one_and_loss_is_the_policy_gradient():
     samples = fake_samples(8)
     adv = np.random.default_rng(2).normal(size=8)
     mdl, _ = tiny("tiny-llama")
-    net = M.PackedLogProbs(mdl, temperature=1.0)
+    net = M.ContinuationLogProbs(mdl, temperature=1.0)
     (b,) = rlvr.micro_batches(samples, 8, torch.device("cpu"))
+    assert len(b.layout.plen) == 2  # two problems: each prompt once
     rlvr.score_old(net, None, [b], torch.device("cpu"))
     rlvr.set_advantages([b], adv)
-    new = net(b.ids, b.pos, b.doc)
-    loss, _, clipped = rlvr.policy_loss(new, b, 0.2, 0.28, 0.0, b.mask.sum())
+    new = net(b.layout)
+    loss, _, clipped = rlvr.policy_loss(new, b, 0.2, 0.28, 0.0, len(new))
     assert int(clipped) == 0
-    surrogate = -(new * b.adv * b.mask).sum() / b.mask.sum()
+    # brute force: every sample alone through the model, log-probs of its completion tokens
+    surrogate, k = 0.0, 0
+    for d, s in enumerate(samples):
+        ids = torch.tensor([s.prompt + s.ids])
+        lp = torch.log_softmax(mdl(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        mine = lp[len(s.prompt) - 1:]
+        assert torch.allclose(new[k:k + len(s.ids)], mine, atol=1e-5)
+        assert torch.equal(b.sample[k:k + len(s.ids)], torch.full((len(s.ids),), d))  # each token's advantage is its sample's
+        surrogate, k = surrogate - (mine * float(adv[d])).sum(), k + len(s.ids)
+    assert k == len(new)
+    surrogate = surrogate / k
     g1 = torch.autograd.grad(loss, list(mdl.parameters()), retain_graph=True)
     g2 = torch.autograd.grad(surrogate, list(mdl.parameters()))
     for x, y in zip(g1, g2):
         assert torch.allclose(x, y, atol=1e-6)
-    # the advantage of a token is its own sample's: check the packed layout against the samples
-    for d, s in enumerate(samples):
-        assert torch.equal(b.ids[(b.doc == d)], torch.tensor(s.prompt + s.ids))
-        assert torch.allclose(b.adv[(b.doc == d) & b.mask], torch.full((len(s.ids),), float(adv[d])))
 
 
 def free_port():
@@ -120,8 +129,8 @@ def run(info):  # in a function, so that the DDP/FSDP wrappers are gone before c
     mdl, _ = tiny("tiny-llama")
     mdl.train()
     args = rlvr.parser.parse_args(["--epochs", "2", "--kl", "0.1"] + {flags!r})
-    net = M.wrap_for_ranks(M.PackedLogProbs(mdl, temperature=0.9), info, args.fsdp)
-    ref = M.wrap_for_ranks(M.PackedLogProbs(tiny("tiny-llama", seed=1)[0].requires_grad_(False), temperature=0.9),
+    net = M.wrap_for_ranks(M.ContinuationLogProbs(mdl, temperature=0.9), info, args.fsdp)
+    ref = M.wrap_for_ranks(M.ContinuationLogProbs(tiny("tiny-llama", seed=1)[0].requires_grad_(False), temperature=0.9),
                            info, args.fsdp)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5)  # before any forward, as wrap_for_ranks says
     batches = rlvr.micro_batches(samples[mine], 4, info.device)
