@@ -95,4 +95,15 @@ for w, split in [(w, s) for w in worlds for s in ("dev", "dev-long")]:
                for x in p.read_text().splitlines()]
     kinds = collections.Counter(tasks[s["task_id"]].first_departure(s["completion"]) for s in samples if not s["passed"])
     print(f"| {w} | {split} | {sum(kinds.values())} | " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + " |")
+
+# arith: is the oracle's scratchpad arithmetic right? every "a + b = c" in its comments, passed or not
+import re
+for w in [w for w in worlds if minicode.WORLDS[w].arith]:
+    for split in ("dev", "dev-long"):
+        ops = [m for p in sorted((out / w).glob(f"{split}-oracle*/samples.jsonl")) for x in p.read_text().splitlines()
+               for line in json.loads(x)["completion"].splitlines() if line.strip().startswith("#")
+               for m in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", line)]
+        right = sum(int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in ops)
+        print(f"\n{w}, {split}: {right} of the {len(ops)} operations in the oracle's working are right", end="")
+print()
 EOF
