@@ -12,9 +12,19 @@ recovers, (RA3 - NTP) / (oracle - NTP). Then what each E-step learned (held-out 
 first and last measurement, the share of its comments that name the right step) and what it wrote into the
 corpus. The oracle is the M-step on traces with the world's true plan comments: what any latents could buy
 at this budget. The settings of the run (run.sh writes them to OUT/settings.txt) head the file.
+
+    python report.py runs/worlds --worlds echo anon  # worlds.sh's tables, into runs/worlds/worlds.md
+
+With --worlds, the tables of a worlds.sh output instead, per world and dev split: NTP's and the oracle's
+pass@1 (mean ± sd over seeds) and oracle - NTP; the oracle's failures by where they first leave the true
+plan (minicode.Task.first_departure); whether the oracle fails at writing its plan or at using it (the
+share of its completions whose comments are all the true plan's, and pass@1 with and without that); and in
+an arith world, how many of the operations in its comments' working are right.
 """
 import argparse
+import collections
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -23,6 +33,8 @@ parser = argparse.ArgumentParser(description="The results table of a run.sh outp
 parser.add_argument("out", nargs="?", default="runs/pipeline", help="run.sh's --out folder (holding seed0/, ...)")
 parser.add_argument("--target", type=float, default=None,
                     help="RLVR: steps until held-out pass@1 reaches this (default: the NTP start's final pass@1)")
+parser.add_argument("--worlds", nargs="+", default=None, metavar="WORLD",
+                    help="OUT is a worlds.sh output: report these worlds (OUT/WORLD/{dev,dev-long}-{ntp,oracle}SEED/)")
 MODELS = ("base", "ntp", "oracle", "ra3")
 NAN = float("nan")
 
@@ -155,8 +167,66 @@ def plot(out, seeds):
     print(f"plots: {out / 'curves.png'}")
 
 
+# ---- worlds.sh ------------------------------------------------------------------------------------------
+
+def world_samples(out, world, split, model):
+    """(pass@1 per seed, every sample of every seed) of one model on one dev split of a worlds.sh output."""
+    runs = sorted((Path(out) / world).glob(f"{split}-{model}[0-9]*/"), key=lambda d: int(re.findall(r"\d+$", d.name)[0]))
+    return ([load(d)["pass@1"] for d in runs],
+            [json.loads(x) for d in runs for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()])
+
+
+def share(flags):
+    return f"{sum(flags) / len(flags):.3f}" if flags else "-"
+
+
+def seeds_mean(values):
+    return f"{values[0]:.3f} (1 seed)" if len(values) == 1 else mean_sd(values)
+
+
+def worlds_report(out, worlds):
+    import minicode  # only here: run.sh's report must not need the world
+    splits = [(w, s) for w in worlds for s in ("dev", "dev-long")]
+    runs = {(w, s, m): world_samples(out, w, s, m) for w, s in splits for m in ("ntp", "oracle")}
+    tasks = {(w, s): {t.problem.task_id: t for t in minicode.split_tasks(w, s)} for w, s in splits}
+    text = ["| world | dev split | NTP | oracle | oracle - NTP |", "| --- | --- | --- | --- | --- |"]
+    for w, s in splits:
+        ntp, oracle = runs[w, s, "ntp"][0], runs[w, s, "oracle"][0]
+        gap = [o - t for o, t in zip(oracle, ntp)]
+        text.append(f"| {w} | {s} | {seeds_mean(ntp)} | {seeds_mean(oracle)} | {seeds_mean(gap)} |")
+    text += ["", "| world | dev split | oracle failures | by first departure from the true plan |",
+             "| --- | --- | --- | --- |"]
+    departures = {(w, s): [tasks[w, s][x["task_id"]].first_departure(x["completion"]) for x in runs[w, s, "oracle"][1]]
+                  for w, s in splits}
+    for w, s in splits:
+        kinds = collections.Counter(k for k, x in zip(departures[w, s], runs[w, s, "oracle"][1]) if not x["passed"])
+        text.append(f"| {w} | {s} | {sum(kinds.values())} | " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + " |")
+    # writing the plan or using it: first_departure reads only the comments, so it judges passed samples too
+    text += ["", "| world | dev split | oracle's plan right | pass@1, plan right | pass@1, plan wrong | NTP pass@1 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for w, s in splits:
+        right = [k == "code after right comments" for k in departures[w, s]]
+        passed = [x["passed"] for x in runs[w, s, "oracle"][1]]
+        text.append(f"| {w} | {s} | {share(right)} | {share([p for p, r in zip(passed, right) if r])} | "
+                    f"{share([p for p, r in zip(passed, right) if not r])} | "
+                    f"{share([x['passed'] for x in runs[w, s, 'ntp'][1]])} |")
+    arith = [(w, s) for w, s in splits if minicode.WORLDS[w].arith]
+    text += [""] if arith else []
+    for w, s in arith:
+        ops = [m for x in runs[w, s, "oracle"][1] for line in x["completion"].splitlines() if line.strip().startswith("#")
+               for m in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", line)]
+        right = sum(int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in ops)
+        text.append(f"{w}, {s}: {right} of the {len(ops)} operations in the oracle's working are right")
+    return "\n".join(text) + "\n"
+
+
 def main(args):
     out = Path(args.out)
+    if args.worlds:
+        text = worlds_report(out, args.worlds)
+        (out / "worlds.md").write_text(text)
+        print(text)
+        return
     seeds = sorted(out.glob("seed*/"), key=lambda d: int(d.name[4:]))
     if not seeds:
         raise SystemExit(f"report.py: error: no seed*/ folders in {out}")

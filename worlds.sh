@@ -72,38 +72,4 @@ one_world() {  # one_world WORLD: base, then NTP and oracle per seed, then their
 for w in $WORLDS; do in_turn one_world "$w"; done
 wait
 
-python - "$OUT" $WORLDS <<'EOF'
-import json, statistics, sys
-from pathlib import Path
-out, worlds = Path(sys.argv[1]), sys.argv[2:]
-print("| world | dev split | NTP | oracle | oracle - NTP |\n| --- | --- | --- | --- | --- |")
-for w, split in [(w, s) for w in worlds for s in ("dev", "dev-long")]:
-    scores = {m: [json.loads(p.read_text())["pass@1"] for p in sorted((out / w).glob(f"{split}-{m}*/summary.json"))]
-              for m in ("ntp", "oracle")}
-    def fmt(xs):
-        return "-" if not xs else f"{statistics.mean(xs):.3f}" + (f" +- {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
-    n = min(len(scores["ntp"]), len(scores["oracle"]))
-    gap = [o - t for o, t in zip(scores["oracle"][:n], scores["ntp"][:n])]
-    print(f"| {w} | {split} | {fmt(scores['ntp'])} | {fmt(scores['oracle'])} | {fmt(gap)} |")
-
-# where the oracle's failures leave the true plan (its first comment that departs from it), all seeds
-import collections, minicode
-print("\n| world | dev split | oracle failures | by first departure from the true plan |\n| --- | --- | --- | --- |")
-for w, split in [(w, s) for w in worlds for s in ("dev", "dev-long")]:
-    tasks = {t.problem.task_id: t for t in minicode.split_tasks(w, split)}
-    samples = [json.loads(x) for p in sorted((out / w).glob(f"{split}-oracle*/samples.jsonl"))
-               for x in p.read_text().splitlines()]
-    kinds = collections.Counter(tasks[s["task_id"]].first_departure(s["completion"]) for s in samples if not s["passed"])
-    print(f"| {w} | {split} | {sum(kinds.values())} | " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + " |")
-
-# arith: is the oracle's scratchpad arithmetic right? every "a + b = c" in its comments, passed or not
-import re
-for w in [w for w in worlds if minicode.WORLDS[w].arith]:
-    for split in ("dev", "dev-long"):
-        ops = [m for p in sorted((out / w).glob(f"{split}-oracle*/samples.jsonl")) for x in p.read_text().splitlines()
-               for line in json.loads(x)["completion"].splitlines() if line.strip().startswith("#")
-               for m in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", line)]
-        right = sum(int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in ops)
-        print(f"\n{w}, {split}: {right} of the {len(ops)} operations in the oracle's working are right", end="")
-print()
-EOF
+python report.py "$OUT" --worlds $WORLDS   # the tables, also written to OUT/worlds.md

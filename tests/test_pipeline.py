@@ -3,6 +3,7 @@ stages' checks of their flags."""
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,33 @@ def test_report_averages_seeds(tmp_path):
     assert "- oracle - NTP, pass@1: +0.100 ± 0.000" in text
     assert "- share of the oracle's gain RA3 recovers: -2.00" in text
     assert "| seed1 | 2 | -4.000 -> -2.000 |" in text  # the E-step's held-out ELBO, first -> last
+
+
+def test_worlds_report_splits_the_oracle_by_its_plan(tmp_path):
+    """report.py --worlds on worlds.sh outputs written here: the pass@1 table, and the oracle's samples split by
+    whether their comments are the true plan, and its working's arithmetic checked."""
+    import data as D
+    import minicode
+    tasks = minicode.split_tasks("arith", "dev")[:3]
+    true, bare = [D.render(t.trace, t.true_plan()) for t in tasks], [D.render(t.trace) for t in tasks]
+    wrong_sum = "    # 2 + 2 = 5: plus 5\n" + bare[0]
+    oracle = [[(true[0], True), (true[1], False), (bare[2], False)],   # seed 0: plan right, right, none
+              [(wrong_sum, False), (true[1], True), (true[2], True)]]  # seed 1: a wrong working, right, right
+    for seed, samples in enumerate(oracle):
+        for name, p1, rows in (("ntp", 0.5 + 0.2 * seed, [(bare[0], seed == 1)]), ("oracle", 0.4 + 0.2 * seed, samples)):
+            d = tmp_path / "arith" / f"dev-{name}{seed}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"pass@1": p1}))
+            (d / "samples.jsonl").write_text("".join(json.dumps(dict(task_id=t.problem.task_id, completion=c, passed=ok)) + "\n"
+                                                     for t, (c, ok) in zip(tasks, rows)))
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), str(tmp_path), "--worlds", "arith"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = (tmp_path / "worlds.md").read_text()
+    assert "| arith | dev | 0.600 ± 0.141 | 0.500 ± 0.141 | -0.100 ± 0.000 |" in text
+    assert "| arith | dev | 0.667 | 0.750 | 0.000 | 0.500 |" in text  # 4 of 6 plans right, 3 of them pass; NTP 1 of 2
+    right, total = map(int, re.search(r"arith, dev: (\d+) of the (\d+) operations", text).groups())
+    assert total > 1 and right == total - 1  # the true plan's working is right, 2 + 2 = 5 is not
 
 
 def test_run_sh_checks_its_numbers():
