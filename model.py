@@ -7,7 +7,9 @@ RA3 (arXiv 2509.25810) needs two things from a language model, many times over:
     r_t = log pi(a_t | s_t, z_<=t) and the M-step / RLVR losses.
 
 Paper quantity                          -> function here
-  log pi(a_t | s_t, z_<=t), per token     -> packed_logprobs (one pass over packed documents)
+  log pi(a_t | s_t, z_<=t), per token     -> packed_logprobs (one pass over packed documents; the M-step)
+  the same, G continuations of one prompt -> SharedPrompts, shared_prompt_hidden, ContinuationLogProbs
+                                             (each prompt computed once; the E-step and RLVR)
   z ~ q(. | s_t), a_t forced, log q(z)    -> generate (plans of sampled and forced spans)
   pass@k samples, RLVR group samples      -> generate (n samples per prompt, prompt prefilled once)
 
@@ -15,7 +17,8 @@ Sections, top to bottom:
   1. loading      load_model(spec): hub id, local HF dir, .gguf file, `smollm2`, tiny-* presets
   2. checkpoints  save_checkpoint / read_meta: HF dir + ra3.json, written atomically
   3. sampler      Decoder (ragged static KV cache, CUDA graphs) and generate(plans, stops, top-p)
-  4. scorer       packed_logprobs: document-causal attention (FlexAttention on GPU), log-softmax head
+  4. scorer       packed_logprobs: document-causal attention (FlexAttention on GPU), log-softmax head;
+                  SharedPrompts: prompts once, their continuations attending to them
   5. distributed  init_dist, print0, all-reduce helpers
 
 `python model.py --model SPEC --prompt TEXT` loads a model and prints samples: a quick check that a
@@ -1036,9 +1039,10 @@ def hidden_logprobs(model, hidden, input_ids, doc_ids, temperature=1.0, chunk=No
 
 # ---- prompts shared by their continuations --------------------------------------------------------------
 # The E-step scores and trains on G rollouts of each trace, which share the trace's prompt (about 40% of
-# their tokens), and GRPO on G completions of each problem's prompt. One pass computes each prompt once: every prompt and continuation token goes through the
-# linear layers in one sequence (batch 1, no padding), and attention, which must keep a continuation apart
-# from its siblings, runs per group of similar lengths: each continuation over its prompt's K/V and its own.
+# their tokens), and GRPO on G completions of each problem's prompt. One pass computes each prompt once:
+# every prompt and continuation token goes through the linear layers in one sequence (batch 1, no padding),
+# and attention, which must keep a continuation apart from its siblings, runs per group of similar lengths:
+# each continuation over its prompt's K/V and its own.
 # It is differentiable: the backward sums each prompt's gradient over its continuations.
 
 class SharedPrompts:
