@@ -311,7 +311,7 @@ def bench_stage(stage, results):
             print(describe(stage, f"this tree, run {k + 1}", ours[-1]), flush=True)
     best = lambda runs, key: min(r[key] for r in runs)  # noqa: E731  (the least disturbed run)
     keys = ("update_s", *STAGES[stage][1]) + (("annotate_s",) if stage == "estep" else ())
-    results[stage] = dict(runs=ours, **{k: best(ours, k) for k in keys})
+    results[stage] = dict(runs=ours, annotate_mode=ours[0]["annotate_mode"], **{k: best(ours, k) for k in keys})
     print(describe(stage, f"{stage}, best of {args.repeats}", results[stage]), flush=True)
     if base:
         results["baseline"] = dict(commit=args.baseline_commit, runs=base, **{k: best(base, k) for k in keys})
