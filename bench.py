@@ -250,7 +250,7 @@ STAGES = dict(
                     "--eval-traces", "0", "--annotate-limit", str(args.estep_annotate)],
            ("rollout_s", "reward_s", "train_s")),
     rlvr=(lambda: ["--batch-prompts", "16", "--group", "8", "--steps", str(args.updates), "--eval-limit", "1",
-                   "--eval-every", "1000", "--workers", "2", "--problems", "minicode-train",
+                   "--eval-every", "1000", "--problems", "minicode-train",
                    "--eval-bench", "minicode-heldout"],
           ("sample_s", "score_s", "reward_wait_s", "train_s")),
 )
