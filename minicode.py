@@ -426,6 +426,12 @@ def worked(exprs, words):
 _WORKING = re.compile(r"^(\d+ [+-] \d+ = \d+(, |; ))*\d+ [+-] \d+ = \d+: ")
 
 
+def operations(comment):
+    """Each 'a + b = c' or 'a - b = c' a comment writes, as (a, b, c, is it right): a model's working checked."""
+    return [(int(a), int(b), int(c), int(a) + (int(b) if op == "+" else -int(b)) == int(c))
+            for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", comment)]
+
+
 def _expressions(rng, params):
     """A step's integer parameters as sums ({name: text}); string parameters (sep, a, b) stay as they are."""
     return {name: expression(rng, v) for name, v in params.items() if isinstance(v, int)}

@@ -213,10 +213,9 @@ def worlds_report(out, worlds):
     arith = [(w, s) for w, s in splits if minicode.WORLDS[w].arith]
     text += [""] if arith else []
     for w, s in arith:
-        ops = [m for x in runs[w, s, "oracle"][1] for line in x["completion"].splitlines() if line.strip().startswith("#")
-               for m in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", line)]
-        right = sum(int(a) + (int(b) if op == "+" else -int(b)) == int(c) for a, op, b, c in ops)
-        text.append(f"{w}, {s}: {right} of the {len(ops)} operations in the oracle's working are right")
+        ops = [op for x in runs[w, s, "oracle"][1] for line in x["completion"].splitlines()
+               if line.strip().startswith("#") for op in minicode.operations(line)]
+        text.append(f"{w}, {s}: {sum(ok for *_, ok in ops)} of the {len(ops)} operations in the oracle's working are right")
     return "\n".join(text) + "\n"
 
 
