@@ -44,12 +44,18 @@ parser.add_argument("--estep-batch", type=int, default=16, help="--estep: traces
 parser.add_argument("--updates", type=int, default=6, help="--estep/--rlvr: updates (RL steps) timed")
 parser.add_argument("--estep-annotate", type=int, default=1000, help="--estep: traces annotated")
 parser.add_argument("--baseline-commit", default=None,
-                    help="--estep/--rlvr: also time this commit's script (e.g. 431c937) in the same run, print the ratio")
+                    help="--estep/--rlvr: also time this commit's script (e.g. 431c937) in the same run, print the "
+                         "ratio; or a directory holding that commit's files")
 parser.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's); 1 keeps timings sane on a machine shared with other jobs")
 parser.add_argument("--cpu-bf16", action="store_true",
                     help="--estep/--rlvr: run the script with --cpu-bf16 (a baseline commit without that flag runs in fp32)")
 parser.add_argument("--repeats", type=int, default=1, help="--estep/--rlvr: runs of each, alternating; the best kept")
+parser.add_argument("--stage-args", default="",
+                    help="--estep/--rlvr: more flags for the stage script, both sides (e.g. \"--data stdlib --max-lines 24\")")
+parser.add_argument("--baseline-args", default="",
+                    help="--estep/--rlvr: flags for the baseline's run only, after --stage-args (e.g. the --micro-rows "
+                         "it fits in memory with)")
 parser.add_argument("--out", default=None, help="write bench.json here")
 args = parser.parse_args()
 
@@ -148,20 +154,33 @@ def bench_sampler(mdl, tok, prompts, n, new, results):
     print(line, flush=True)
 
 
-def profile_decode(mdl, tok, prompts, n, new):
-    """CUDA-event time of one graph replay vs a whole sampling step, and the kernels of a few steps."""
+def profile_decode(mdl, tok, prompts, n, new, results):
+    """Where a sampling step's time goes: CUDA-event time of one replay of the decode graph (the model's
+    forward; the longest attention window of the run) and of choosing the tokens from its logits, against
+    the whole step (bench_sampler's step_ms; the rest is the host's loop); then the kernels of a few steps."""
     from torch.profiler import ProfilerActivity, profile
     kw = dict(n=n, max_new_tokens=new, temperature=1.0, ignore_eos=True, max_rows=len(prompts) * n)
     M.generate(mdl, tok, prompts, **kw)
     dec = mdl._ra3_decoder
-    graph, _ = next(iter(dec.graphs.values()))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(50):
-        graph.replay()
-    end.record()
-    sync()
-    print(f"profile: one decode-graph replay {start.elapsed_time(end) / 50:.3f} ms", flush=True)
+    graph, logits = dec.graphs[max(dec.graphs)]
+    gen = torch.Generator(device=logits.device).manual_seed(0)
+
+    def event_ms(fn, times=50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(times):
+            fn()
+        end.record()
+        sync()
+        return start.elapsed_time(end) / times
+
+    with torch.inference_mode():  # as the sampler runs: the graph's logits are an inference tensor
+        replay_ms = event_ms(graph.replay)
+        pick_ms = event_ms(lambda: M.pick_tokens(logits, 1.0, 1.0, gen))
+    step_ms = next((r["step_ms"] for r in results["sampler"] if r["rows"] == len(prompts) * n), None)
+    results["profile"] = dict(rows=len(prompts) * n, replay_ms=replay_ms, pick_ms=pick_ms, step_ms=step_ms)
+    print(f"profile, {len(prompts) * n} rows: decode-graph replay {replay_ms:.3f} ms, choosing the tokens "
+          f"{pick_ms:.3f} ms" + (f", of a {step_ms:.3f} ms step" if step_ms else ""), flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         M.generate(mdl, tok, prompts, **dict(kw, max_new_tokens=16))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
@@ -256,13 +275,15 @@ STAGES = dict(
 )
 
 
-def stage_run(stage, root, profile=False):
+def stage_run(stage, root, extra="", profile=False):
     """The stage's own loop (estep.py or rlvr.py) from the tree at `root`: the median of each phase of an
     update (and their sum, update_s) and the seconds spent annotating."""
+    import shlex
     import subprocess
     import sys
     flags, phases = STAGES[stage]
-    argv = ["--model", args.model] + flags() + (["--cpu-bf16"] if args.cpu_bf16 else [])
+    argv = (["--model", args.model] + flags() + shlex.split(args.stage_args) + shlex.split(extra) +
+            (["--cpu-bf16"] if args.cpu_bf16 else []))
     code = STAGE_WORKER.format(root=str(root), stage=stage, argv=argv, phases=phases, profile=profile,
                                threads=torch.get_num_threads())
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
@@ -277,9 +298,13 @@ def stage_run(stage, root, profile=False):
 
 @contextlib.contextmanager
 def checkout(commit):
-    """The files of `commit` in a temporary directory (git archive: the repository is left as it is)."""
+    """The files of `commit` in a temporary directory (git archive: the repository is left as it is), or
+    `commit` itself where it names a directory of them (for a copy of the tree without its git history)."""
     import subprocess
     import tempfile
+    if Path(commit).is_dir():
+        yield Path(commit).resolve()
+        return
     here = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as d:
         tar = subprocess.run(["git", "-C", str(here), "archive", commit], check=True, capture_output=True).stdout
@@ -305,7 +330,7 @@ def bench_stage(stage, results):
     with (checkout(args.baseline_commit) if args.baseline_commit else contextlib.nullcontext()) as old:
         for k in range(args.repeats):
             if old is not None:
-                base.append(stage_run(stage, old))
+                base.append(stage_run(stage, old, args.baseline_args))
                 print(describe(stage, f"baseline {args.baseline_commit}, run {k + 1}", base[-1]), flush=True)
             ours.append(stage_run(stage, here, profile=args.profile and k == 0))
             print(describe(stage, f"this tree, run {k + 1}", ours[-1]), flush=True)
@@ -348,7 +373,7 @@ def main():
     for n in map(int, args.n.split(",")):
         bench_sampler(mdl, tok, prompts, n, args.max_new_tokens, results)
     if args.profile and dev.type == "cuda":
-        profile_decode(mdl, tok, prompts, int(args.n.split(",")[0]), args.max_new_tokens)
+        profile_decode(mdl, tok, prompts, int(args.n.split(",")[0]), args.max_new_tokens, results)
     M.release_decoder(mdl)
     bench_scorer(mdl, tok, results)
     if args.out:

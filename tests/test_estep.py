@@ -104,7 +104,7 @@ def test_units_reproduce_the_tokenizer(preset, newline_first):
 
 def rollouts_of(mdl, tok, traces, group, temperature=1.0, seed=0, max_latent=12):
     units = E.Units(tok)
-    sets = E.ThinkSets(tok, mdl.get_output_embeddings().weight.shape[0], "cpu", units.newline_first)
+    sets = E.ThinkSets(tok, mdl.get_output_embeddings().weight.shape[0], mdl.device, units.newline_first)
     plans = [E.plan_trace(units, sets, t) for t in traces]
     return E.rollout(mdl, units, sets, plans, group, max_latent, temperature, seed), sets, units
 
@@ -175,7 +175,7 @@ def brute_force_rewards(mdl, tok, rollout, penalty):
     The trace's suffix counts with the last action, so that the rewards sum to the whole document's score."""
     ids = rollout.plan.prompt + rollout.ids
     with torch.no_grad():
-        logp = torch.log_softmax(mdl(torch.tensor([ids])).logits[0].double(), -1)
+        logp = torch.log_softmax(mdl(torch.tensor([ids], device=mdl.device)).logits[0].double(), -1).cpu()
     texts = [tok.decode([v]) for v in range(logp.shape[1])]
     pos, out = len(rollout.plan.prompt), []
     for t, (a, z) in enumerate(zip(rollout.plan.actions, rollout.latents)):
@@ -211,6 +211,28 @@ def test_rewards_are_the_papers_formula(preset, toy):
     assert any(z for r in rolls for z in r.latents) and any(z is None for r in rolls for z in r.latents)
     got = E.rewards(mdl, sets, rolls, 0.05, micro_rows=5)
     for r, g in zip(rolls, got):
+        want = brute_force_rewards(mdl, tok, r, 0.05)
+        assert np.allclose(g, want, atol=1e-3), (g, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_rollouts_and_rewards_are_exact():
+    """On CUDA, rollouts replay CUDA graphs between ragged feeds, and the reward and training passes run
+    SharedPrompts' grouped attention on GPU kernels. In fp32 they keep the CPU tests' exactness: expert
+    lines forced byte for byte, sampled log-probs = the training pass's, rewards = the paper's formula."""
+    mdl, tok = M.load_model("minicode-base", device="cuda", dtype=torch.float32)
+    traces = [t.trace for t in minicode.tasks(4, seed=8)]
+    rolls, sets, _ = rollouts_of(mdl, tok, traces, group=8, temperature=0.9, seed=1)
+    assert any(z for r in rolls for z in r.latents) and any(z is None for r in rolls for z in r.latents)
+    for r in rolls:
+        assert tok.decode(r.plan.prompt + r.ids, skip_special_tokens=True) == D.render(r.plan.trace, r.latents)
+    tensors, old, _ = E.event_batch(rolls, None, mdl.device)
+    with torch.no_grad():
+        new = E.EventLogProbs(mdl, sets, 0.9)(*tensors)
+    assert torch.allclose(new, old, atol=2e-4), (new - old).abs().max()
+    got = E.rewards(mdl, sets, rolls, 0.05, micro_rows=5)
+    for r, g in zip(rolls[::4], got[::4]):
         want = brute_force_rewards(mdl, tok, r, 0.05)
         assert np.allclose(g, want, atol=1e-3), (g, want)
 

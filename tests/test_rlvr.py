@@ -79,15 +79,24 @@ def test_update_is_the_same_for_any_micro_batch_split(epochs, kl):
         assert torch.allclose(base, other, atol=2e-6), (micro, (base - other).abs().max())
 
 
-def test_first_epoch_ratio_is_one_and_loss_is_the_policy_gradient():
-    """With pi_old scored by the same forward, the first epoch's loss gradient is -sum A grad log pi / N."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_first_epoch_ratio_is_one_and_loss_is_the_policy_gradient(device):
+    """With pi_old scored by the same forward, the first epoch's loss gradient is -sum A grad log pi / N.
+    On CUDA (fp32) the shared-prompt pass runs GPU attention kernels and must agree just as well."""
     samples = fake_samples(8)
     adv = np.random.default_rng(2).normal(size=8)
     mdl, _ = tiny("tiny-llama")
+    mdl.to(device)
     net = M.ContinuationLogProbs(mdl, temperature=1.0)
-    (b,) = rlvr.micro_batches(samples, 8, torch.device("cpu"))
+    (b,) = rlvr.micro_batches(samples, 8, torch.device(device))
     assert len(b.layout.plen) == 2  # two problems: each prompt once
-    rlvr.score_old(net, None, [b], torch.device("cpu"))
+    rlvr.score_old(net, None, [b], torch.device(device))
+    if device == "cuda":  # pi_old was scored under bf16 autocast, as training runs there; the test is in fp32
+        with torch.no_grad():
+            fp32 = net(b.layout)
+        assert (b.old - fp32).abs().max() < 0.05
+        b.old = fp32
     rlvr.set_advantages([b], adv)
     new = net(b.layout)
     loss, _, clipped = rlvr.policy_loss(new, b, 0.2, 0.28, 0.0, len(new))
@@ -95,11 +104,11 @@ def test_first_epoch_ratio_is_one_and_loss_is_the_policy_gradient():
     # brute force: every sample alone through the model, log-probs of its completion tokens
     surrogate, k = 0.0, 0
     for d, s in enumerate(samples):
-        ids = torch.tensor([s.prompt + s.ids])
+        ids = torch.tensor([s.prompt + s.ids], device=device)
         lp = torch.log_softmax(mdl(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
         mine = lp[len(s.prompt) - 1:]
         assert torch.allclose(new[k:k + len(s.ids)], mine, atol=1e-5)
-        assert torch.equal(b.sample[k:k + len(s.ids)], torch.full((len(s.ids),), d))  # each token's advantage is its sample's
+        assert torch.equal(b.sample[k:k + len(s.ids)].cpu(), torch.full((len(s.ids),), d))  # each token's advantage is its sample's
         surrogate, k = surrogate - (mine * float(adv[d])).sum(), k + len(s.ids)
     assert k == len(new)
     surrogate = surrogate / k
