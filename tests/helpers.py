@@ -1,4 +1,10 @@
-"""Test helpers: tiny models and a GGUF writer, all made here, nothing downloaded."""
+"""Test helpers: tiny models and a GGUF writer, all made here, nothing downloaded; torchrun on the CPU."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 import model as M
@@ -74,3 +80,29 @@ def write_tiny_gguf(mdl, tok, path):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# ---- torchrun on the CPU: gloo ranks, GPUs hidden, one thread a rank (2 ranks share 2 cores) ----------------
+
+CPU_RANKS_ENV = dict(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(ranks):
+    """The command line that starts a script under torchrun with `ranks` local ranks, on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
+
+
+def torchrun(script, args=(), ranks=2, cwd=None, env=None, timeout=300):
+    """Run a script under torchrun on the CPU, from the repository root unless `cwd`; fail with its output if
+    any rank fails."""
+    p = subprocess.run(torchrun_cmd(ranks) + [str(script), *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, **CPU_RANKS_ENV, **(env or {})), timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p

@@ -3,11 +3,7 @@ policy gradient uses against a teacher-forced recomputation, forced lines byte f
 and a small model learning to write the comment that helps."""
 import json
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,7 @@ import minicode
 import estep as E
 import model as M
 import mstep
-from helpers import tiny
+from helpers import tiny, torchrun
 
 ROOT = Path(E.__file__).resolve().parent
 OPS = ["x * 2", "x + 1", "x - 3", "x * 5", "x + 7", "x // 2", "x % 3", "x - 1"]
@@ -351,21 +347,8 @@ def test_a_large_penalty_drives_thinking_to_zero(toy, tmp_path):
     assert curve[0]["think_rate"] > 0.03 and curve[-1]["think_rate"] < 0.01
 
 
-def torchrun(args, ranks=2, script=ROOT / "estep.py"):
-    """Run a script under torchrun (gloo, CPU); fail with its output if any rank fails."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                          f"--master_port={port}", str(script),
-                          *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return out
-
-
 def test_two_ranks_shard_the_traces(toy, tmp_path):
-    torchrun(["--model", toy / "base" / "model", "--data", toy / "expert.jsonl", "--steps", "3", "--batch-traces", "8",
+    torchrun(ROOT / "estep.py", ["--model", toy / "base" / "model", "--data", toy / "expert.jsonl", "--steps", "3", "--batch-traces", "8",
               "--group", "4", "--annotate-limit", "10", "--out", tmp_path])
     rows = [json.loads(x) for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(f"e{i}" for i in range(10))
@@ -409,7 +392,7 @@ def test_one_update_one_rank_equals_two_ranks(toy, tmp_path):
         script = tmp_path / f"{name}.py"
         script.write_text(RANKS_SCRIPT.format(root=str(ROOT), model=str(toy / "base" / "model"), flags=flags,
                                               data=str(toy / "expert.jsonl"), out=str(tmp_path / f"{name}.pt")))
-        torchrun([], ranks, script)
+        torchrun(script, ranks=ranks)
         results[name] = torch.load(tmp_path / f"{name}.pt")
     start = torch.cat([w.flatten() for w in M.load_model(str(toy / "base" / "model"), device="cpu")[0]
                        .state_dict().values()])
@@ -425,9 +408,9 @@ def test_fsdp_run_and_resume_equal_ddp(toy, tmp_path):
     from the FSDP checkpoint on resuming), the same annotated traces, and the same q, saved whole."""
     common = ["--model", toy / "base" / "model", "--data", toy / "expert.jsonl", "--batch-traces", "8", "--group", "4",
               "--lr", "1e-3", "--eval-every", "1", "--eval-traces", "8", "--annotate-limit", "8"]
-    torchrun(common + ["--steps", "3", "--out", tmp_path / "ddp"])
-    torchrun(common + ["--steps", "2", "--fsdp", "--out", tmp_path / "fsdp"])
-    torchrun(common + ["--steps", "3", "--fsdp", "--resume", "--out", tmp_path / "fsdp"])
+    torchrun(ROOT / "estep.py", common + ["--steps", "3", "--out", tmp_path / "ddp"])
+    torchrun(ROOT / "estep.py", common + ["--steps", "2", "--fsdp", "--out", tmp_path / "fsdp"])
+    torchrun(ROOT / "estep.py", common + ["--steps", "3", "--fsdp", "--resume", "--out", tmp_path / "fsdp"])
     a, b = (metrics(tmp_path / x) for x in ("ddp", "fsdp"))
     assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3]
     for x, y in zip(a, b):

@@ -1,8 +1,6 @@
 """model.py: loading, checkpoints, the sampler against transformers, the packed scorer, distributed helpers."""
 import functools
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 import model as M
-from helpers import logits_of, tiny, write_tiny_gguf
+from helpers import logits_of, tiny, torchrun, write_tiny_gguf
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]
 PROMPTS = ["def add(a, b):\n    ", "import os\n", "class Stack:\n    def push(self, x):\n        self.items.append("]
@@ -508,13 +506,7 @@ M.close_dist()
 def test_two_ranks_gloo(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(Path(M.__file__).parent), CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={port}", str(script)], capture_output=True, text=True, env=env, timeout=180)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = torchrun(script, env=dict(PYTHONPATH=str(Path(M.__file__).parent)), timeout=180)
     assert out.stdout.count("world=2 sum=3.0 mean=0.5") == 1  # printed by rank 0 only
 
 

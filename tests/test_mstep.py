@@ -3,7 +3,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import data as D
 import minicode
 import model as M
 import mstep
-from helpers import tiny
+from helpers import CPU_RANKS_ENV, tiny, torchrun_cmd
 
 ROOT = Path(mstep.__file__).resolve().parent
 TINY = ["--init", "scratch", "--data", "minicode-pretrain", "--n-tasks", "300", "--hidden", "64", "--layers", "2",
@@ -25,9 +24,8 @@ TINY = ["--init", "scratch", "--data", "minicode-pretrain", "--n-tasks", "300", 
 
 
 def run(args, torchrun=0, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", f"--master_port={free_port()}"] \
-        if torchrun else [sys.executable]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = torchrun_cmd(torchrun) if torchrun else [sys.executable]
+    env = dict(os.environ, **CPU_RANKS_ENV)
     p = subprocess.Popen(cmd + [str(ROOT / "mstep.py")] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     if not wait:
@@ -35,12 +33,6 @@ def run(args, torchrun=0, wait=True):
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-3000:]
     return out
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def losses(out_dir):

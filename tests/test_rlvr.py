@@ -1,9 +1,5 @@
 """rlvr.py: advantages, the loss under any split of the batch (micro-batches, ranks), rewards, resume."""
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import data as D
 import eval_code as E
 import model as M
 import rlvr
-from helpers import tiny
+from helpers import tiny, torchrun
 
 ROOT = Path(rlvr.__file__).resolve().parent
 SMALL = ["--batch-prompts", "2", "--group", "4", "--eval-limit", "3", "--max-new-tokens", "192", "--micro-rows", "4",
@@ -118,12 +114,6 @@ def test_first_epoch_ratio_is_one_and_loss_is_the_policy_gradient(device):
         assert torch.allclose(x, y, atol=1e-6)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 RANKS_SCRIPT = """
 import sys, numpy as np, torch, torch.distributed as dist
 sys.path[:0] = [{root!r}, {tests!r}]
@@ -155,15 +145,6 @@ M.close_dist()
 """
 
 
-def torchrun(args, ranks, cwd=ROOT):
-    """Run a script (args[0]) under torchrun (gloo, CPU); fail with its output if any rank fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
-           *map(str, args)]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-
-
 def test_one_rank_equals_two_ranks(tmp_path):
     """One update (2 epochs, KL to a reference) on 1 rank, 2 DDP ranks and 2 FSDP ranks (policy and
     reference sharded): the same weights (2e-6, tighter than mstep's 1e-5; they differ by ~1e-8)."""
@@ -171,7 +152,7 @@ def test_one_rank_equals_two_ranks(tmp_path):
     for name, ranks, flags in (("one", 1, []), ("ddp", 2, []), ("fsdp", 2, ["--fsdp"])):
         out, script = tmp_path / f"{name}.pt", tmp_path / f"{name}.py"
         script.write_text(RANKS_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), flags=flags, out=str(out)))
-        torchrun([script], ranks, cwd=tmp_path)
+        torchrun(script, ranks=ranks, cwd=tmp_path)
         results[name] = torch.load(out)
     start, _ = tiny("tiny-llama")
     assert (results["one"] - torch.cat([p.detach().flatten() for p in start.parameters()])).abs().max() > 1e-4
@@ -185,9 +166,9 @@ def test_fsdp_run_and_resume_equal_ddp(tmp_path):
     DDP ranks for 2 steps: the same samples (drawn from the sampling copy, refilled from the shards after
     each step and from the FSDP checkpoint on resuming), metrics and model, saved whole."""
     common = SMALL + ["--kl", "0.1", "--lr", "1e-4", "--eval-every", "2"]
-    torchrun([ROOT / "rlvr.py", *common, "--steps", "2", "--out", tmp_path / "ddp"], 2)
-    torchrun([ROOT / "rlvr.py", *common, "--steps", "1", "--fsdp", "--out", tmp_path / "fsdp"], 2)
-    torchrun([ROOT / "rlvr.py", *common, "--steps", "2", "--fsdp", "--resume", "--out", tmp_path / "fsdp"], 2)
+    torchrun(ROOT / "rlvr.py", [*common, "--steps", "2", "--out", tmp_path / "ddp"])
+    torchrun(ROOT / "rlvr.py", [*common, "--steps", "1", "--fsdp", "--out", tmp_path / "fsdp"])
+    torchrun(ROOT / "rlvr.py", [*common, "--steps", "2", "--fsdp", "--resume", "--out", tmp_path / "fsdp"])
     a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
     assert [x["step"] for x in a] == [x["step"] for x in b] == [0, 1, 2]
     for x, y in zip(a, b):
