@@ -11,7 +11,9 @@ of an update's phases (rollout, rewards, training) and the time to annotate --es
 with --profile, where the time goes (the functions with the most cumulative time); with
 --baseline-commit C, the same loop of commit C's files, alternating with ours in one run, and the ratio.
 RL (--rlvr): the same for rlvr.py's loop at its default batch (16 prompts x 8 samples): the median time
-of a step's phases (sampling, scoring pi_old, waiting for the tests, the update).
+of a step's phases (sampling, scoring pi_old, waiting for the tests, the update). --stage-args passes
+more flags to both sides (another corpus, say), --baseline-args to the baseline only. gpu.sh runs the
+GPU figures of README "Speed" through this script in one go.
 
     python bench.py                                   # CPU, tiny preset
     python bench.py --model smollm2 --prompts 64 --n 4,10 --max-new-tokens 128   # GPU
