@@ -5,6 +5,7 @@ Paper object                                   -> here
   latent z_t written before a_t (a comment line)   -> render(trace, latents); strip = render without them
   M-step data: latent-infused traces, packed       -> write_traces/read_traces, encode_traces, pack
   mid-training corpus (code)                        -> traces_from_dir (stdlib by default), traces_from_hf
+  real code's true plan: the expert's own comments  -> strip_comments; stripped:SPEC, oracle:SPEC; held_out (by file)
   RLVR / eval problems with unit tests              -> Problem, load_problems (HumanEval(+), MBPP(+), jsonl)
   the controlled world                              -> minicode.py (loaded here by name)
 
@@ -24,6 +25,7 @@ import ast
 import bisect
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -198,8 +200,10 @@ def split_function(source, node, id):
         return None
     first_code = body[1] if has_doc else body[0]
     cut = (body[0].end_lineno if has_doc else first_code.lineno - 1) - top
-    if not has_doc:  # prompt ends with the line of the signature's colon: the line before the first statement
-        cut = min(cut, first_code.lineno - 1 - top)
+    if not has_doc:  # prompt ends with the line of the signature's colon: blank and comment lines after it
+        cut = min(cut, first_code.lineno - 1 - top)  # ride with the first action, as comments do everywhere
+        while cut > 1 and not _is_code(fn[cut - 1]):
+            cut -= 1
     prompt, rest = "".join(fn[:cut]), "".join(fn[cut:])
     actions, suffix = split_actions(rest)
     if not actions:
@@ -284,6 +288,79 @@ def traces_from_hf(name_or_path, field="content", split="train", limit=None, min
     if not traces:
         raise DataError(f"{name_or_path}: no function traces in field {field!r} ({skipped} records did not parse)")
     return traces, skipped
+
+
+# ---- real code: the expert's own comments as the true plan -------------------------------------------
+
+def _full_line_comments(code):
+    """Indices of the physical lines of `code` (one logical line) that hold only a comment: inside brackets
+    too, never inside a string."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return set()
+    lines = code.splitlines(keepends=True)
+    return {t.start[0] - 1 for t in tokens
+            if t.type == tokenize.COMMENT and not lines[t.start[0] - 1][:t.start[1]].strip()}
+
+
+def strip_comments(trace):
+    """(the trace without its full-line comments, the expert's plan). The plan holds, per action, the comment
+    lines the expert wrote before its code, joined into one latent line (None where there are none), so
+    render(stripped, plan) is the expert's code with each comment block on one line: real code's true plan,
+    as minicode's plan comments are its. Comment lines inside a statement and after the last one go too;
+    the prompt (signature and docstring) stays as it is, and so does every line of code."""
+    actions, plan = [], []
+    for a in trace.actions:
+        lead, code = action_parts(a)
+        lead = lead.splitlines(keepends=True)
+        said = [s for s in (line.strip().lstrip("#").strip() for line in lead if line.strip().startswith("#")) if s]
+        drop = _full_line_comments(code)
+        code = "".join(line for i, line in enumerate(code.splitlines(keepends=True)) if i not in drop)
+        actions.append("".join(line for line in lead if not line.strip().startswith("#")) + code)
+        plan.append("# " + " ".join(said) if said else None)
+    suffix = "".join(line for line in trace.suffix.splitlines(keepends=True) if not line.strip().startswith("#"))
+    return Trace(trace.id, trace.prompt, actions, suffix), plan
+
+
+def trace_file(trace_id):
+    """The file (or hf record) a real-code trace comes from: its id without `:line:name`. A minicode id has
+    no such part and is its own file."""
+    parts = trace_id.rsplit(":", 2)
+    return parts[0] if len(parts) == 3 and parts[1].isdigit() else trace_id
+
+
+def file_rank(trace_id):
+    """A fixed pseudo-random rank in [0, 10000) of the trace's file: the held-out files are the lowest."""
+    return int(hashlib.sha256(trace_file(trace_id).encode()).hexdigest(), 16) % 10_000
+
+
+def held_out(trace_id, share):
+    """Is the trace in the held-out `share`? Whole files are held out, so no held-out function shares a file
+    with a trained one (a minicode trace is its own file)."""
+    return file_rank(trace_id) < share * 10_000
+
+
+HELD_OUT_SHARE = 0.05  # of the files of a real-code corpus: estep.py's held-out traces (mstep.py --eval-share 0.05)
+
+
+def held_out_files(traces, n, share=HELD_OUT_SHARE):
+    """(kept, held): the traces of the held-out share of the files, and of the rest; a corpus too small for
+    that share to hold n traces (or where it would hold over a quarter) holds its lowest-ranked files, whole,
+    until n. Either way the files held are those that `held_out` holds first, so every stage that holds out
+    at least this share holds out these files too."""
+    held = {trace_file(t.id) for t in traces if held_out(t.id, share)}
+    count = sum(trace_file(t.id) in held for t in traces)
+    if not n <= count <= len(traces) // 4:
+        held = set()
+        for t in sorted(traces, key=lambda t: (file_rank(t.id), trace_file(t.id)))[:min(n, len(traces) // 4)]:
+            held.add(trace_file(t.id))
+    return [t for t in traces if trace_file(t.id) not in held], [t for t in traces if trace_file(t.id) in held]
+
+
+def spread(items, n):
+    """n items evenly spaced through the list (all of it when it is shorter)."""
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
 def read_jsonl(path):
@@ -777,7 +854,14 @@ def load_traces(spec, n_tasks=10000, field="content"):
     included), minicode-pretrain (plan comments as latents), minicode-midtrain, minicode-midtrain-oracle
     (the same traces with the true plan comments as latents), a minicode problem split
     (its expert solutions; minicode-WORLD-... for another world), stdlib, a directory of .py files, or
-    hf:NAME_OR_PATH (with `field`)."""
+    hf:NAME_OR_PATH (with `field`). Real code may be read without its full-line comments: `stripped:SPEC`
+    (what q and NTP see) or `oracle:SPEC` (the same traces with the expert's comments as their latents)."""
+    if spec.startswith(("stripped:", "oracle:")):  # real code without its comments; oracle: they are the latents
+        view, inner = spec.split(":", 1)
+        if inner.startswith("minicode"):
+            raise DataError(f"{spec!r}: minicode traces carry no expert comments (its oracle is minicode-...-oracle)")
+        pairs = [strip_comments(t) for t in load_traces(inner, n_tasks, field)[0]]
+        return [t for t, _ in pairs], ([z for _, z in pairs] if view == "oracle" else None)
     import minicode  # the world builds on this module's Trace and Problem
     world, what = minicode.parse(spec) or (None, None)
     if what == "pretrain":
@@ -800,7 +884,7 @@ def load_traces(spec, n_tasks=10000, field="content"):
     if Path(spec).is_dir():
         return traces_from_dir(spec)[0], None
     raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, {', '.join(minicode.names('corpus'))}, a "
-                    f"minicode split, stdlib, a directory of .py files, or hf:NAME")
+                    f"minicode split, stdlib, a directory of .py files, or hf:NAME (each also as stripped:SPEC or oracle:SPEC)")
 
 
 def main(args):

@@ -45,7 +45,9 @@ parser = argparse.ArgumentParser(description="RA3 E-step: learn where and what t
 parser.add_argument("--model", default="minicode-base", help="pi: the model whose likelihood is the reward")
 parser.add_argument("--q", default=None,
                     help="start q from this checkpoint instead of a copy of pi (with --steps 0: annotate only)")
-parser.add_argument("--data", default="minicode-midtrain", help="traces: a .jsonl, minicode-midtrain, stdlib, DIR, hf:NAME")
+parser.add_argument("--data", default="minicode-midtrain",
+                    help="traces: a .jsonl, minicode-midtrain, stdlib, DIR, hf:NAME; real code as stripped:SPEC keeps the "
+                         "expert's comments as the true plan for the instruments")
 parser.add_argument("--n-tasks", type=int, default=2000, help="minicode corpora: number of tasks")
 parser.add_argument("--field", default="content", help="hf: text field")
 parser.add_argument("--out", default="runs/estep", help="output directory")
@@ -59,6 +61,9 @@ parser.add_argument("--penalty", type=float, default=0.05, help="cost c of a <th
 parser.add_argument("--max-latent", type=int, default=32, help="longest comment, in tokens (L)")
 parser.add_argument("--max-lines", type=int, default=64, help="skip traces with more line actions than this")
 parser.add_argument("--temperature", type=float, default=1.0, help="q's sampling temperature")
+parser.add_argument("--explore", type=float, default=0.0,
+                    help="force a comment at this share of the lines q would not comment (importance-weighted: the "
+                         "decision's gradient stays q's); for a q that rarely comments, as on real code")
 parser.add_argument("--lr", type=float, default=1e-4, help="q's learning rate")
 parser.add_argument("--epochs", type=int, default=1, help="passes over each batch (PPO clipping matters when > 1)")
 parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip (acts only with --epochs > 1: "
@@ -75,6 +80,9 @@ parser.add_argument("--annotate-limit", type=int, default=None, help="annotate o
 parser.add_argument("--eval-traces", type=int, default=64,
                     help="held-out traces for the instruments (never trained on); 0: none")
 parser.add_argument("--eval-every", type=int, default=5, help="measure the instruments every N updates")
+parser.add_argument("--eval-data", default=None,
+                    help="held-out traces from this corpus instead of --data's own (e.g. stripped:DIR of code the "
+                         "model cannot have seen: the memorization control)")
 parser.add_argument("--save-every", type=int, default=25, help="checkpoint q and its optimizer every N updates")
 parser.add_argument("--resume", action="store_true",
                     help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
@@ -106,7 +114,7 @@ import minicode  # noqa: E402
 import model as M  # noqa: E402
 
 RESUME_KEYS = ("model", "q", "data", "n_tasks", "batch_traces", "group", "horizon", "gamma", "penalty", "max_latent",
-               "temperature", "lr", "epochs", "seed")
+               "temperature", "explore", "lr", "epochs", "seed")
 # roles of the tokens of a rollout
 PROMPT, LEAD, PREFIX, COMMENT, NEWLINE, CODE = range(6)
 # q's events: a token, a token from a set, a token outside a set
@@ -249,19 +257,21 @@ class Rollout:
 LOOKAHEAD = 4  # lines a row speculates past its next decision (see _rollout_chunk; LOG.md 2026-12-01)
 
 
-def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_rows=512):
-    """G rollouts of every plan; returns rollouts in plan-major order (row i * G + j)."""
+def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_rows=512, explore=0.0):
+    """G rollouts of every plan; returns rollouts in plan-major order (row i * G + j). explore > 0 draws the
+    decisions from the behaviour policy b (see _sample) instead of q."""
     out = []
     longest = max(p.max_len(max_latent, units.newline) for p in plans)
     per_chunk = max(1, min(max_rows, M.kv_rows_that_fit(q, -(-longest // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET))
                     // group)
     gen = torch.Generator(device=next(q.parameters()).device).manual_seed(seed)
     for start in range(0, len(plans), per_chunk):
-        out += _rollout_chunk(q, units, sets, plans[start:start + per_chunk], group, max_latent, temperature, gen)
+        out += _rollout_chunk(q, units, sets, plans[start:start + per_chunk], group, max_latent, temperature, gen,
+                              explore)
     return out
 
 
-def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen):
+def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen, explore):
     """Speculative teacher forcing. The expert lines are known, so a row at line t feeds, in one forward,
     its next LOOKAHEAD lines as if q chose <act> at each (Decoder.feed: every row's span in one ragged
     forward), and reads q's decision at each of their line starts from it. The decisions are then sampled
@@ -305,23 +315,33 @@ def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen):
             picks = [[] for _ in fed]
             if where:
                 pool = torch.cat([old, logits[len(fed):]])
-                for k, ans in zip(owner, _sample(pool[where], masks, sets, temperature, gen)):
+                for k, ans in zip(owner, _sample(pool[where], masks, sets, temperature, gen, explore)):
                     picks[k].append(ans)
             for k, i in enumerate(fed):
                 requests[i] = _next(walkers[i], dec, i, picks[k])
     return rows
 
 
-def _sample(logits, masks, sets, temperature, gen):
-    """Per row of logits: (sampled token, its log q, log q(think set `masks[k]`), log q(drop_end set))."""
+def _sample(logits, masks, sets, temperature, gen, explore=0.0):
+    """Per row of logits: (sampled token, its log q, log q(think set `masks[k]`), log q(drop_end set),
+    log b(think set)). Decisions (masks given) with explore = e > 0 come from the behaviour policy
+    b = e * (q given <think>) + (1 - e) * q: a forced thought with probability e, else q's own choice, so
+    b(think) = e + (1 - e) q(think), and a think token x has b(x) = q(x) b(think) / q(think)."""
     mask_ids = torch.tensor(masks if masks is not None else [0] * len(logits), device=logits.device)
-    tokens, logq = M.pick_tokens(logits, temperature, 1.0, gen)
+    think_set = sets.masks[mask_ids]
     scaled = logits / temperature
     lse = torch.logsumexp(scaled, dim=-1)
-    in_think = torch.logsumexp(scaled.masked_fill(~sets.masks[mask_ids], float("-inf")), dim=-1) - lse
+    in_think = torch.logsumexp(scaled.masked_fill(~think_set, float("-inf")), dim=-1) - lse
     in_newline = torch.logsumexp(scaled.masked_fill(~sets.drop_end, float("-inf")), dim=-1) - lse
-    cols = (x.cpu().numpy() for x in (tokens, logq, in_think, in_newline))
-    return [(int(a), float(b), float(c), float(d)) for a, b, c, d in zip(*cols)]
+    b_think = in_think
+    if masks is not None and explore > 0:
+        forced = torch.rand(len(logits), generator=gen, device=logits.device) < explore
+        logits = torch.where(forced[:, None], logits.masked_fill(~think_set, float("-inf")), logits)
+        b_think = torch.log(explore + (1 - explore) * in_think.exp())
+    tokens, _ = M.pick_tokens(logits, temperature, 1.0, gen)
+    logq = scaled.gather(1, tokens[:, None])[:, 0] - lse  # under q, whichever policy drew it
+    cols = (x.cpu().numpy() for x in (tokens, logq, in_think, in_newline, b_think))
+    return [(int(a), float(b), float(c), float(d), float(e)) for a, b, c, d, e in zip(*cols)]
 
 
 def _next(walker, dec, i, answer):
@@ -336,8 +356,10 @@ def _next(walker, dec, i, answer):
 def _walk(row, units, sets, max_latent):
     """One rollout as a coroutine. Yields ("feed", tokens, decisions) to feed a span, where decisions are
     (j, think mask) for the line starts in it, decided by the logits after span token j - 1 (j = 0: after
-    the row's last token); receives one (sampled token, log q, log q(think set), log q(drop_end set)) per
-    decision. Yields ("rewind", n) to drop the last n tokens fed, ("sample", None) for a comment token."""
+    the row's last token); receives one (sampled token, log q, log q(think set), log q(drop_end set),
+    log b(think set)) per decision. Yields ("rewind", n) to drop the last n tokens fed, ("sample", None) for a
+    comment token. Each event records its log q and its log b: the behaviour policy's probability of it,
+    which differs from q's only at a decision drawn with --explore (comment tokens are q's own draws)."""
     plan = row.plan
 
     def fed(token, role, line):
@@ -362,15 +384,16 @@ def _walk(row, units, sets, max_latent):
             span += [(x, CODE, len(plan.actions) - 1) for x in plan.suffix]
         answers = yield ("feed", [x[0] for x in span], [(j, plan.actions[u].think_mask) for j, u in decisions])
         kept, think = 0, None
-        for (j, u), (token, logq, log_think, _) in zip(decisions, answers):
+        for (j, u), (token, logq, log_think, _, log_b_think) in zip(decisions, answers):
             for x in span[kept:j]:
                 fed(*x)
             kept = j
             if sets.rows[plan.actions[u].think_mask][token]:
-                think = (u, token, logq)
+                think = (u, token, logq, logq + log_b_think - log_think)
                 break
             row.events.append((NOT_IN_SET, position(), plan.actions[u].think_mask, u,
-                               math.log(max(-math.expm1(log_think), 1e-30))))
+                               math.log(max(-math.expm1(log_think), 1e-30)),
+                               math.log(max(-math.expm1(log_b_think), 1e-30))))
         if think is None:  # <act> at every line of it: the whole span stands
             for x in span[kept:]:
                 fed(*x)
@@ -379,25 +402,26 @@ def _walk(row, units, sets, max_latent):
             t, pending = end, []
             continue
         yield ("rewind", len(span) - kept)
-        u, token, logq = think
+        u, token, logq, logb = think
         a = plan.actions[u]
         comment, pending = [], []  # <think>: the token is the comment's first
         while True:
-            row.events.append((TOKEN, position(), token, u, logq))
+            row.events.append((TOKEN, position(), token, u, logq, logb))
             yield ("feed", [token], [])
             fed(token, COMMENT, u)
             comment.append(token)
             if len(comment) >= max_latent:
                 row.cut[u] = True
                 break
-            token, logq, _, log_drop = yield ("sample", None)
+            token, logq, _, log_drop, _ = yield ("sample", None)
+            logb = logq
             if sets.keep_end[token]:  # the comment's last token, newline included (fed with the next span)
-                row.events.append((TOKEN, position(), token, u, logq))
+                row.events.append((TOKEN, position(), token, u, logq, logq))
                 pending.append((token, COMMENT, u))
                 comment.append(token)
                 break
             if sets.ends[token]:  # ends it too, but its token is not used (the next unit brings the newline)
-                row.events.append((IN_SET, position(), -1, u, log_drop))
+                row.events.append((IN_SET, position(), -1, u, log_drop, log_drop))
                 comment.append(None)
                 break
         ended_with_newline = comment[-1] is not None and sets.keep_end[comment[-1]]
@@ -428,11 +452,11 @@ def forced_rollout(units, sets, plan, latents):
     request = next(walk)
     while request[0] != "done":
         if request[0] == "sample":
-            request = walk.send((next(script), 0.0, 0.0, 0.0))
+            request = walk.send((next(script), 0.0, 0.0, 0.0, 0.0))
         elif request[0] == "feed":
             said = []  # the script's decisions up to its first <think>; the walk reads no further
             for _, mask in request[2]:
-                said.append((next(script), 0.0, 0.0, 0.0))
+                said.append((next(script), 0.0, 0.0, 0.0, 0.0))
                 if sets.rows[mask][said[-1][0]]:
                     break
             request = walk.send(said)
@@ -474,7 +498,7 @@ def rewards(pi, sets, rollouts, penalty, micro_rows):
         before = [layout.at(i, len(r.plan.prompt) + k - 1) for i, r in enumerate(part) for k in range(len(r.ids))]
         targets = torch.tensor([x for r in part for x in r.ids], device=device)
         acts = [(i, line, layout.at(i, p), mask) for i, r in enumerate(part)
-                for kind, p, mask, line, _ in r.events if kind == NOT_IN_SET]
+                for kind, p, mask, line, *_ in r.events if kind == NOT_IN_SET]
         with torch.no_grad():
             hidden = M.shared_prompt_hidden(pi, layout)
             lp = M.chunked_logprobs(pi, hidden[torch.tensor(before, device=device)], targets)
@@ -550,29 +574,37 @@ class EventLogProbs(torch.nn.Module):
 
 def event_batch(rollouts, advantages, device):
     """The rollouts' tokens as one pass with shared prompts (prompt_layout) and, per event, the token where
-    it is decided, its kind, target, sampled log q and advantage."""
+    it is decided, its kind, target, sampled log q, advantage and importance weight q / b (1 but at an
+    explored decision)."""
     layout = prompt_layout(rollouts, device)
-    at, kinds, targets, old, adv = [], [], [], [], []
+    at, kinds, targets, old, adv, weight = [], [], [], [], [], []
     for i, r in enumerate(rollouts):
-        for kind, pos, target, line, logq in r.events:
+        for kind, pos, target, line, logq, logb in r.events:
             at.append(layout.at(i, pos))
             kinds.append(kind)
             targets.append(target)
             old.append(logq)
             adv.append(advantages[i][line] if advantages is not None else 0.0)
+            weight.append(math.exp(logq - logb))
     t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
-    return (layout, t(at), t(kinds), t(targets)), t(old, torch.float32), t(adv, torch.float32)
+    return (layout, t(at), t(kinds), t(targets)), t(old, torch.float32), t(adv, torch.float32), t(weight, torch.float32)
 
 
 def policy_loss(net, pi_events, rollouts, advantages, args, device, denominator):
     """-A * clipped ratio over q's events of these rollouts, divided by `denominator` (the events of the
-    global batch), plus --kl times the k3 KL(q || pi) on comment tokens. Returns (loss, stats)."""
-    tensors, old, adv = event_batch(rollouts, advantages, device)
+    global batch), plus --kl times the k3 KL(q || pi) on comment tokens. Returns (loss, stats).
+    With --explore each event's term is weighted by q / b, the probability of the event under q over that
+    under the behaviour policy that drew it (decoupled from the PPO ratio, which stays q / q_old): at a
+    decision, E_b[(q / b) A grad log q] = E_q[A grad log q], the ELBO's own gradient. A comment's later
+    tokens are q's own draws and weigh 1, so a thought that exploring forced is learned from in full: at each
+    state its gradient is the ELBO's times b(think) / q(think) >= 1, which leaves the best comment there the
+    same (as RLP trains a thought wherever it forces one, arXiv 2510.01265)."""
+    tensors, old, adv, weight = event_batch(rollouts, advantages, device)
     if len(old) == 0:
         return None, {}
     new = net(*tensors)
     ratio = torch.exp(new - old)
-    loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - args.clip, 1 + args.clip) * adv).sum()
+    loss = -(weight * torch.minimum(ratio * adv, torch.clamp(ratio, 1 - args.clip, 1 + args.clip) * adv)).sum()
     kl = torch.zeros((), device=device)
     if args.kl > 0:
         with torch.no_grad():
@@ -669,22 +701,36 @@ def minicode_world(data):
     return world if what == "midtrain" else None
 
 
-def held_out_split(traces, args):
-    """(training traces, held-out traces, their minicode tasks or None). On minicode-midtrain the held-out
-    traces are more of the same stream (another seed, none that the corpus holds), and the world knows
-    the step of every line; on any other corpus the last --eval-traces traces (at most a quarter) are set
-    aside."""
+def load_corpus(spec, args):
+    """(traces, true plan per trace id or None). A stripped:SPEC corpus is read through its oracle view, whose
+    latents are the expert's own comments; on minicode-midtrain the world knows the plan instead."""
+    if spec.startswith("stripped:"):
+        traces, plans = D.load_traces("oracle:" + spec[len("stripped:"):], n_tasks=args.n_tasks, field=args.field)
+        return traces, {t.id: z for t, z in zip(traces, plans)}
+    return D.load_traces(spec, n_tasks=args.n_tasks, field=args.field)[0], None
+
+
+def held_out_split(traces, truth, args):
+    """(training traces, held-out traces, their true plans or None, their minicode tasks or None).
+    minicode-midtrain: more of the same stream (another seed, none that the corpus holds), whose tasks know
+    the step of every line. --eval-data: --eval-traces traces spread through that corpus. Otherwise whole
+    files of the corpus (D.held_out_files: those mstep.py --eval-share 0.05 holds out), so that no held-out
+    function shares a file with a trained one, and --eval-traces traces spread through them."""
     if args.eval_traces == 0:
-        return traces, [], None
+        return traces, [], None, None
     world = minicode_world(args.data)
     if world is not None:
         seen = {D.render(t) for t in traces}
         tasks = [t for t in minicode.midtrain_tasks(2 * args.eval_traces, seed=1, world=world)
                  if D.render(t.trace) not in seen]
         tasks = tasks[:args.eval_traces]
-        return traces, [t.trace for t in tasks], tasks
-    n = min(args.eval_traces, len(traces) // 4)  # a small corpus keeps most of its traces for training
-    return (traces[:-n], traces[-n:], None) if n else (traces, [], None)
+        return traces, [t.trace for t in tasks], [t.true_plan() for t in tasks], tasks
+    if args.eval_data:
+        held, truth = load_corpus(args.eval_data, args)
+    else:
+        traces, held = D.held_out_files(traces, args.eval_traces)
+    held = D.spread(held, args.eval_traces)  # from as many files as the held-out share has
+    return traces, held, None if truth is None else [truth[t.id] for t in held], None
 
 
 def comment_naming(latents, tasks):
@@ -730,53 +776,62 @@ def _my_share(items):
     return None if items is None else items[rank::world]
 
 
-def reference_scores(pi, units, sets, plans, tasks, args):
-    """pi's log-likelihood of this rank's held-out code with no comments and, on minicode, with the true
-    plan comments: fixed for the run (pi is frozen), so measured once, not at every instruments call."""
-    plans, tasks = _my_share(plans), _my_share(tasks)
+def reference_scores(pi, units, sets, plans, truth, args):
+    """pi's log-likelihood of this rank's held-out code with no comments and, where it is known, with the true
+    plan (minicode's plan comments, real code's own comments): fixed for the run (pi is frozen), so measured
+    once, not at every instruments call."""
+    plans, truth = _my_share(plans), _my_share(truth)
 
     def score(latents):
         rolls = [forced_rollout(units, sets, p, z) for p, z in zip(plans, latents)]
         return sum(x.sum() for x in rewards(pi, sets, rolls, 0.0, args.micro_rows))
 
     out = dict(code_ll_none=score([[None] * len(p.actions) for p in plans]))
-    if tasks is not None:
-        out["code_ll_plan"] = score([t.true_plan() for t in tasks])
+    if truth is not None:
+        out["code_ll_plan"] = score(truth)
     return out
 
 
-def instruments(q, pi, units, sets, plans, tasks, reference, args):
+def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
     """One rollout of q per held-out trace (the same random numbers at every call), scored by pi:
       elbo                  E_q sum_t r_t per trace: the objective, penalty included
-      think_rate            share of lines q comments; on minicode also at step starts and elsewhere
+      think_rate            share of lines q comments
       code_ll_q, _none, _plan   the code's log-likelihood per trace (no penalty) with q's comments, with
-                            none, and with the true plan comments (minicode; the last two from `reference`)
+                            none, and with the true plan (the last two from `reference`)
+      think_at_starts, think_elsewhere   q's think rate where the true plan comments (minicode: where a step
+                            starts) and elsewhere
+      at_plan               the share of q's comments placed where the true plan comments too
       named_step, named_param, wrong_step, unnamed   shares of q's comments that name the step that
                             follows, name its parameter too, name another step, name none (minicode)
-    Sums are reduced over ranks (each rank takes every world-th trace)."""
-    plans, tasks = _my_share(plans), _my_share(tasks)
+    The true plan is minicode's plan comments or, on stripped real code, the expert's own comments. Sums are
+    reduced over ranks (each rank takes every world-th trace)."""
+    plans, truth, tasks = _my_share(plans), _my_share(truth), _my_share(tasks)
     rolls = rollout(q, units, sets, plans, 1, args.max_latent, args.temperature, seed=4242)
     r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
     think = [np.array([z is not None for z in ro.latents]) for ro in rolls]
     sums = dict(traces=len(plans), lines=sum(len(x) for x in think), thinks=sum(x.sum() for x in think),
                 elbo=sum(x.sum() for x in r), code_ll_q=sum((x + args.penalty * z).sum() for x, z in zip(r, think)),
                 **reference)
-    if tasks is not None:
-        starts = [np.array(t.step_starts()) for t in tasks]
+    if truth is not None:
+        starts = [np.array([z is not None for z in zs], dtype=bool) for zs in truth]
         sums["starts"] = sum(x.sum() for x in starts)
         sums["thinks_at_starts"] = sum((x & y).sum() for x, y in zip(think, starts))
         sums["thinks_elsewhere"] = sum((x & ~y).sum() for x, y in zip(think, starts))
+    if tasks is not None:
         sums.update(comment_naming([ro.latents for ro in rolls], tasks))
     sums = {k: M.all_reduce_sum(float(v)) for k, v in sums.items()}
     out = dict(elbo=sums["elbo"] / sums["traces"], think_rate=sums["thinks"] / sums["lines"],
                code_ll_q=sums["code_ll_q"] / sums["traces"], code_ll_none=sums["code_ll_none"] / sums["traces"])
-    if tasks is not None:
-        comments = sums["comments"]  # the shares are None where q wrote no comment
+    if truth is not None:  # a share is None where it has nothing to count
         out.update(code_ll_plan=sums["code_ll_plan"] / sums["traces"],
-                   think_at_starts=sums["thinks_at_starts"] / sums["starts"],
+                   think_at_starts=sums["thinks_at_starts"] / sums["starts"] if sums["starts"] else None,
                    think_elsewhere=sums["thinks_elsewhere"] / (sums["lines"] - sums["starts"]),
-                   **{k: sums[k] / comments if comments else None
-                      for k in ("named_step", "named_param", "wrong_step", "unnamed")})
+                   at_plan=sums["thinks_at_starts"] / sums["thinks"] if sums["thinks"] else None,
+                   plan_rate=sums["starts"] / sums["lines"])
+    if tasks is not None:
+        comments = sums["comments"]
+        out.update({k: sums[k] / comments if comments else None
+                    for k in ("named_step", "named_param", "wrong_step", "unnamed")})
     return {f"heldout_{k}": v for k, v in out.items()}
 
 
@@ -797,8 +852,10 @@ def make_plans(units, sets, traces, max_lines):
 def main(args):
     M.check_flags(parser, args, at_least=dict(n_tasks=1, steps=0, batch_traces=1, group=1, horizon=1, gamma=0,
                                               max_latent=1, max_lines=1, epochs=1, clip=0, kl=0, micro_rows=1,
-                                              annotate_limit=1, eval_traces=0, eval_every=1, save_every=1),
+                                              annotate_limit=1, eval_traces=0, eval_every=1, save_every=1, explore=0),
                   above=dict(temperature=0, annotate_temperature=0, lr=0))
+    if args.explore >= 1:
+        parser.error(f"--explore must be below 1 (a share of the lines), not {args.explore}")
     M.check_wandb(parser, args)
     dist = M.init_dist()
     M.CPU_BF16 = args.cpu_bf16
@@ -817,12 +874,14 @@ def main(args):
     sampler = M.sampling_copy(q, sharded=M.shards(dist, args.fsdp))
     units = Units(tok)
     sets = ThinkSets(tok, q.get_output_embeddings().weight.shape[0], device, units.newline_first)
-    traces, _ = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
-    traces, held_traces, held_tasks = held_out_split(traces, args)
+    traces, truth = load_corpus(args.data, args)
+    traces, held_traces, held_truth, held_tasks = held_out_split(traces, truth, args)
     plans, skipped = make_plans(units, sets, traces, args.max_lines)
     held, _ = make_plans(units, sets, held_traces, args.max_lines)
-    if held_tasks is not None:  # keep the labels of the traces that made it
-        kept = {p.trace.id for p in held}
+    kept = {p.trace.id for p in held}  # keep the labels of the traces that made it
+    if held_truth is not None:
+        held_truth = [z for t, z in zip(held_traces, held_truth) if t.id in kept]
+    if held_tasks is not None:
         held_tasks = [t for t in held_tasks if t.trace.id in kept]
     if not plans:
         raise D.DataError(f"{args.data}: no usable traces ({skipped} skipped)")
@@ -846,11 +905,11 @@ def main(args):
              f"G={args.group} H={args.horizon} c={args.penalty} L={args.max_latent}, "
              f"units {'newline-first' if units.newline_first else 'newline-last'}")
 
-    reference = reference_scores(pi, units, sets, held, held_tasks, args) if held else {}
+    reference = reference_scores(pi, units, sets, held, held_truth, args) if held else {}
 
     def measure():
         q.eval()
-        m = instruments(sampler, pi, units, sets, held, held_tasks, reference, args) if held else {}
+        m = instruments(sampler, pi, units, sets, held, held_truth, held_tasks, reference, args) if held else {}
         q.train()
         return m
 
@@ -864,7 +923,8 @@ def main(args):
         batch = [plans[i] for i in picks[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
         t0 = time.perf_counter()
         q.eval()
-        rolls = rollout(sampler, units, sets, batch, args.group, args.max_latent, args.temperature, args.seed * 100003 + step)
+        rolls = rollout(sampler, units, sets, batch, args.group, args.max_latent, args.temperature, args.seed * 100003 + step,
+                        explore=args.explore)
         q.train()
         t1 = time.perf_counter()
         r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
@@ -891,9 +951,8 @@ def main(args):
             M.stop_interrupted(out_dir / "checkpoint", net, q, tok, optimizer, "estep", step + 1, args, last)
     interrupt.restore()
     q.eval()
-    corpus = plans if held_tasks is not None else plans + held  # a corpus's own held-out traces get latents too
-    lim = args.annotate_limit or len(corpus)
-    mine = corpus[:lim][dist.rank::dist.world]
+    lim = args.annotate_limit or len(plans)  # held-out files stay out of the M-step's traces too
+    mine = plans[:lim][dist.rank::dist.world]
     t0 = time.perf_counter()
     latents = annotate(sampler, pi, units, sets, mine, args)
     annotate_s = M.all_reduce_sum(time.perf_counter() - t0) / dist.world

@@ -68,7 +68,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
 
 import contextlib  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -113,10 +112,6 @@ def lr_at(step, args):
 
 # ---- data -------------------------------------------------------------------------------------------------
 
-def held_out(trace_id, share):
-    return int(hashlib.sha256(trace_id.encode()).hexdigest(), 16) % 10_000 < share * 10_000
-
-
 def build_rows(tok, traces, latents, args):
     """Pack the training and held-out traces into rows; masks follow --mask-latents / --mask-prompt."""
     encoded = D.encode_traces(tok, traces, latents)
@@ -127,7 +122,7 @@ def build_rows(tok, traces, latents, args):
             mask &= ~latent
         if args.mask_prompt:
             mask &= ~prompt
-        dest = evals if held_out(t.id, args.eval_share) else train
+        dest = evals if D.held_out(t.id, args.eval_share) else train  # whole files
         dest[0].append(ids)
         dest[1].append(mask.tolist())
     if not train[0] and args.steps:

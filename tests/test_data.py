@@ -73,6 +73,83 @@ def test_latents_keep_the_program_and_strip_back_exactly(stdlib_traces):
         assert "".join(stripped) + text[last:] == original
 
 
+def full_line_comments(text):
+    """Comment tokens alone on their line, found by tokenizing the whole function (not per action)."""
+    import io
+    import tokenize
+    lines = text.splitlines(keepends=True)
+    return [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
+            if t.type == tokenize.COMMENT and not lines[t.start[0] - 1][:t.start[1]].strip()]
+
+
+def test_strip_comments_keeps_the_code_and_the_plan_is_the_experts_comments():
+    src = ('def f(a):\n    """Doc.\n    # not a comment: the docstring stays\n    """\n'
+           '    # first block,\n    #   on two lines\n\n    x = [1,\n         # inside a bracket\n         2]  # trailing stays\n'
+           '    s = """line\n# not a comment\n"""\n    if a:\n        #\n        y = 1\n    # closing remark\n'
+           '    return x, s\n    # after the last line\n')
+    t = D.split_function(src, ast.parse(src).body[0], "m.py:1:f")
+    stripped, plan = D.strip_comments(t)
+    assert plan == ["# first block, on two lines", None, None, None, "# closing remark"]  # a bare "#" says nothing
+    text = D.render(stripped)
+    assert full_line_comments(text) == []
+    assert "# trailing stays" in text and "# not a comment\n" in text and "    # not a comment: the" in text
+    assert ast.dump(ast.parse(text)) == ast.dump(ast.parse(src))
+    assert D.render(stripped, plan) == (
+        'def f(a):\n    """Doc.\n    # not a comment: the docstring stays\n    """\n'
+        '\n    # first block, on two lines\n    x = [1,\n         2]  # trailing stays\n'  # right before the code
+        '    s = """line\n# not a comment\n"""\n    if a:\n        y = 1\n    # closing remark\n'
+        '    return x, s\n')
+
+
+def test_stripped_stdlib_is_the_same_program_and_its_plan_is_every_comment_block(stdlib_traces):
+    n_blocks = 0
+    for t in random.Random(2).sample(stdlib_traces, 1000):
+        stripped, plan = D.strip_comments(t)
+        original = D.render(t)
+        body = D.render(stripped)[len(t.prompt):]
+        assert ast.dump(ast.parse(D.render(stripped))) == ast.dump(ast.parse(original)), t.id
+        assert full_line_comments(body) == [], t.id
+        # what was taken out is exactly the comment lines; every block before an action is in the plan
+        assert [line for line in D.render(stripped).splitlines() if line.strip()] == \
+            [line for line in original.splitlines() if line.strip() and (line.strip() not in set(
+                full_line_comments(original[len(t.prompt):])) or line in t.prompt)]
+        for a, z in zip(t.actions, plan):
+            lead = D.action_parts(a)[0]
+            said = [line.strip().lstrip("#").strip() for line in lead.splitlines() if line.strip().startswith("#")]
+            assert (z is not None) == any(said), t.id
+            n_blocks += z is not None
+    assert n_blocks > 100
+
+
+def test_stripped_and_oracle_corpora(tmp_path):
+    (tmp_path / "a.py").write_text("def f(x):\n    # double it\n    y = x * 2\n    return y\n")
+    traces, latents = D.load_traces(f"stripped:{tmp_path}")
+    assert latents is None and D.render(traces[0]) == "def f(x):\n    y = x * 2\n    return y\n"
+    traces, latents = D.load_traces(f"oracle:{tmp_path}")
+    assert latents == [["# double it", None]] and D.render(traces[0], latents[0]) == (tmp_path / "a.py").read_text()
+    with pytest.raises(D.DataError, match="no expert comments"):
+        D.load_traces("stripped:minicode-midtrain")
+
+
+def test_held_out_share_is_whole_files(stdlib_traces):
+    import hashlib
+    held = [t for t in stdlib_traces if D.held_out(t.id, 0.1)]
+    files = {D.trace_file(t.id) for t in held}
+    assert 0 < len(held) < len(stdlib_traces) and not {D.trace_file(t.id) for t in stdlib_traces if t not in held} & files
+    # held_out_files holds whole files, the same ones a share holds first
+    for n, share in ((40, 0.05), (40, 0.0001), (len(stdlib_traces) // 5, 0.05)):
+        kept, first = D.held_out_files(stdlib_traces, n, share)
+        assert len(first) >= n and len(kept) + len(first) == len(stdlib_traces)
+        ranks = sorted({D.file_rank(t.id) for t in first})
+        assert all(D.file_rank(t.id) > ranks[-1] for t in kept)
+    assert {t.id for t in D.held_out_files(stdlib_traces, 40)[1]} == {t.id for t in stdlib_traces if D.held_out(t.id, 0.05)}
+    assert D.spread(list(range(10)), 4) == [0, 2, 5, 7] and D.spread([1, 2], 4) == [1, 2]
+    # a minicode id is its own file: the split is the one mstep.py has always made
+    for i in range(200):
+        tid = f"minicode/train/0/{i}"
+        assert D.held_out(tid, 0.3) == (int(hashlib.sha256(tid.encode()).hexdigest(), 16) % 10_000 < 3000)
+
+
 def test_multiline_statements_are_one_action_and_comments_ride_along():
     src = ('def f(a):\n    """Doc."""\n    x = [1,\n         2]  # trailing\n\n    # a comment\n'
            '    s = """line\n# not a comment\n"""\n    y = a + \\\n        1\n    return x, s, y\n\n')

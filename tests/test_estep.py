@@ -1,6 +1,7 @@
 """estep.py: returns and advantages against loops, units against the tokenizer, every log-probability the
 policy gradient uses against a teacher-forced recomputation, forced lines byte for byte, the penalty,
 and a small model learning to write the comment that helps."""
+import dataclasses
 import json
 import math
 import random
@@ -134,7 +135,8 @@ def test_rollouts_force_the_expert_lines_and_their_log_probs_are_exact(preset, t
             last = b
         assert "".join(kept) + text[last:] == D.render(r.plan.trace)  # and stripping gives the trace back
     net = E.EventLogProbs(mdl, sets, temperature)
-    tensors, old, _ = E.event_batch(rolls, None, "cpu")
+    tensors, old, _, weight = E.event_batch(rolls, None, "cpu")
+    assert bool((weight == 1).all())  # on-policy: every event weighs 1
     with torch.no_grad():
         new = net(*tensors)
     assert torch.allclose(new, old, atol=2e-4), (new - old).abs().max()
@@ -161,6 +163,84 @@ def test_the_decision_is_a_distribution_over_act_and_think(preset, toy):
     thinks = np.mean([r.latents[0] is not None for r in rolls])
     sd = (p_think * (1 - p_think) / len(rolls)) ** 0.5
     assert abs(thinks - p_think) < 4 * sd + 1e-3, (thinks, p_think)
+
+
+def think_probability(mdl, sets, rollout, grad=False):
+    """q(think) at the first line of a rollout's trace, from a plain forward pass over its own tokens, and
+    the position of that decision."""
+    decision = next(e for e in rollout.events if e[3] == 0 and e[0] in (E.TOKEN, E.NOT_IN_SET))
+    ids = torch.tensor([rollout.plan.prompt + rollout.ids])
+    with torch.set_grad_enabled(grad):
+        h = mdl.base_model(input_ids=ids, use_cache=False).last_hidden_state[0, decision[1]]
+        p = torch.softmax(M.final_logits(mdl, h).float(), -1)
+    return p[sets.masks[rollout.plan.actions[0].think_mask]].sum(), decision
+
+
+def test_exploring_draws_the_decision_from_the_behaviour_policy(toy):
+    mdl, tok = load("toy-llama", toy)
+    trace = D.read_traces(toy / "expert.jsonl")[0][0]
+    explore = 0.5
+    rolls, sets, units = rollouts_of(mdl, tok, [D.Trace("one", trace.prompt, trace.actions[:1])], group=1500,
+                                     seed=3, max_latent=1)
+    q_think = float(think_probability(mdl, sets, rolls[0])[0])
+    plans = [rolls[0].plan]
+    rolls = E.rollout(mdl, units, sets, plans, 1500, 1, 1.0, seed=4, explore=explore)
+    b_think = explore + (1 - explore) * q_think
+    assert 0.1 < q_think < 0.6  # the toy model comments here sometimes: both branches are exercised
+    thinks = np.mean([r.latents[0] is not None for r in rolls])
+    assert abs(thinks - b_think) < 4 * (b_think * (1 - b_think) / len(rolls)) ** 0.5, (thinks, b_think)
+    for r in rolls[:50]:
+        kind, _, _, _, logq, logb = next(e for e in r.events if e[3] == 0)
+        if kind == E.NOT_IN_SET:
+            assert abs(logq - math.log(1 - q_think)) < 1e-4 and abs(logb - math.log(1 - b_think)) < 1e-4
+        else:  # b(x) = q(x) b(think) / q(think)
+            assert abs(logb - logq - math.log(b_think / q_think)) < 1e-4
+    # the events' log q are q's own, whichever policy drew them
+    tensors, old, _, weight = E.event_batch(rolls[:200], None, "cpu")
+    with torch.no_grad():
+        new = E.EventLogProbs(mdl, sets, 1.0)(*tensors)
+    assert torch.allclose(new, old, atol=2e-4) and bool((weight != 1).any())
+
+
+def test_the_explored_decision_gradient_is_qs_policy_gradient(toy):
+    """Brute force: with advantage A_think after a comment and A_act after none, the expected policy gradient
+    of the decision under q is sum_e q(e) A(e) grad log q(e) = (A_think - A_act) grad q(think). Rollouts drawn
+    from the behaviour policy (half the lines forced to think) and weighted by q / b must estimate it; the
+    same rollouts without the weights estimate another vector."""
+    mdl, tok = load("toy-llama", toy)
+    mdl = mdl.float()
+    trace = D.read_traces(toy / "expert.jsonl")[0][0]
+    one = D.Trace("one", trace.prompt, trace.actions[:1])
+    _, sets, units = rollouts_of(mdl, tok, [one], group=1, max_latent=1)
+    plan = E.plan_trace(units, sets, one)
+    a_think, a_act = 1.0, -0.5
+    rolls = E.rollout(mdl, units, sets, [plan], 4000, 1, 1.0, seed=6, explore=0.5)
+    params = [p for p in mdl.parameters() if p.requires_grad]
+    mdl.zero_grad()
+    q_think, _ = think_probability(mdl, sets, rolls[0], grad=True)
+    q_think.backward()
+    truth = torch.cat([p.grad.flatten() for p in params]) * (a_think - a_act)
+    unit = truth / truth.norm()
+    args = type("A", (), dict(clip=0.2, kl=0.0))
+    net = E.EventLogProbs(mdl, sets, 1.0)
+
+    def estimates(weighted):
+        out = []
+        for k in range(0, len(rolls), 200):
+            part = rolls[k:k + 200]
+            if not weighted:
+                part = [dataclasses.replace(r, events=[e[:5] + (e[4],) for e in r.events]) for r in part]
+            adv = [np.array([a_think if r.latents[0] is not None else a_act]) for r in part]
+            mdl.zero_grad()
+            loss, _ = E.policy_loss(net, None, part, adv, args, "cpu", float(len(part)))
+            loss.backward()
+            out.append(float(-torch.cat([p.grad.flatten() for p in params]) @ unit))
+        return np.mean(out), np.std(out) / len(out) ** 0.5
+
+    mean, se = estimates(weighted=True)
+    assert abs(mean - truth.norm()) < 4 * se + 0.02 * truth.norm(), (mean, se, float(truth.norm()))
+    mean, se = estimates(weighted=False)
+    assert abs(mean - truth.norm()) > 6 * se, (mean, se, float(truth.norm()))  # the test can tell
 
 
 def brute_force_rewards(mdl, tok, rollout, penalty):
@@ -223,7 +303,7 @@ def test_on_cuda_rollouts_and_rewards_are_exact():
     assert any(z for r in rolls for z in r.latents) and any(z is None for r in rolls for z in r.latents)
     for r in rolls:
         assert tok.decode(r.plan.prompt + r.ids, skip_special_tokens=True) == D.render(r.plan.trace, r.latents)
-    tensors, old, _ = E.event_batch(rolls, None, mdl.device)
+    tensors, old, *_ = E.event_batch(rolls, None, mdl.device)
     with torch.no_grad():
         new = E.EventLogProbs(mdl, sets, 0.9)(*tensors)
     assert torch.allclose(new, old, atol=2e-4), (new - old).abs().max()
