@@ -817,7 +817,7 @@ def main(args):
     sampler = M.sampling_copy(q, sharded=M.shards(dist, args.fsdp))
     units = Units(tok)
     sets = ThinkSets(tok, q.get_output_embeddings().weight.shape[0], device, units.newline_first)
-    traces, _ = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
+    traces, _ = minicode.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
     traces, held_traces, held_tasks = held_out_split(traces, args)
     plans, skipped = make_plans(units, sets, traces, args.max_lines)
     held, _ = make_plans(units, sets, held_traces, args.max_lines)

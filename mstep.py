@@ -78,6 +78,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data as D  # noqa: E402
+import minicode  # noqa: E402
 import model as M  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 dense bf16, the figure MFU is reported against
@@ -266,7 +267,7 @@ def main(args):
     device = dist_info.device
     out = Path(args.out)
     torch.manual_seed(args.seed)
-    traces, latents = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
+    traces, latents = minicode.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
     model, tok = init_model(args, traces, latents, device)
     packed, eval_rows = build_rows(tok, traces, latents, args)
     if args.steps == 0:

@@ -82,6 +82,7 @@ import torch  # noqa: E402
 
 import data as D  # noqa: E402
 import eval_code as E  # noqa: E402
+import minicode  # noqa: E402
 import model as M  # noqa: E402
 
 RESUME_KEYS = ("model", "problems", "problems_limit", "batch_prompts", "group", "temperature", "lr", "warmup", "epochs",
@@ -274,13 +275,13 @@ def held_out_pass1(policy, tok, problems, executor, args, dist):
 
 def load_problem_sets(args):
     """Training problems without any held-out task (by id, MBPP number or prompt), and the held-out ones."""
-    train = D.load_problems(args.problems, data=args.data)[:args.problems_limit]
-    evals = D.load_problems(args.eval_bench, data=args.data)
+    train = minicode.load_problems(args.problems, data=args.data)[:args.problems_limit]
+    evals = minicode.load_problems(args.eval_bench, data=args.data)
     eval_sets = [evals]
     if any(p.source in ("mbpp", "mbpp+") for p in train):  # MBPP train shares 111 tasks with MBPP+
         for name in ("mbpp", "mbpp+", "humaneval"):
             try:
-                eval_sets.append(D.load_problems(name, data=args.data))
+                eval_sets.append(minicode.load_problems(name, data=args.data))
             except Exception as e:  # offline without the file: say so, the run can still go on
                 M.print0(f"warning: could not load {name} to check overlap with it ({e})")
     kept = D.drop_overlap(train, *eval_sets)
