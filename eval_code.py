@@ -848,6 +848,7 @@ def evaluate(problems, completions, ks, executor, timeout=None, memory_mb=None):
 
 def main(args):
     import data as D
+    import minicode
     import model as M
     M.check_flags(parser, args, at_least=dict(n=1, temperature=0, max_new_tokens=1, max_rows=1, limit=1,
                                               memory_mb=64, workers=1), above=dict(top_p=0, timeout=0))
@@ -862,7 +863,7 @@ def main(args):
         probe = Path(args.out) / ".write-test"
         probe.write_text("")
         probe.unlink()
-    problems = D.load_problems(args.bench, data=args.data)
+    problems = minicode.load_problems(args.bench, data=args.data)
     if args.limit:
         problems = problems[:args.limit]
     t0 = time.perf_counter()

@@ -24,7 +24,14 @@ task) the docstring writes each integer parameter as a small sum ("add 7 + 5 - 3
 value (`+ 9`); a plan comment works the sum out first ("# 7 + 5 = 12, 12 - 3 = 9: shift by 9"), something
 the context determines but a small model may not compute in one forward pass. A name `minicode-WORLD-SPLIT`
 (parse) picks one; worlds.sh asks which lets latents pay.
+
+Names. A stage names its corpus or benchmark with one flag, minicode's or real code's, and resolves it with
+load_traces or load_problems here: minicode's own names first, any other by data.py's loaders (data.py knows
+nothing of this world; the dependency runs one way, minicode -> data). `python minicode.py --corpus C
+--tokenizer T` prints the size of any corpus a stage takes (traces, lines, tokens, packed rows) and the time to
+build, tokenize and pack it.
 """
+import argparse
 import dataclasses
 import functools
 import hashlib
@@ -32,8 +39,22 @@ import itertools
 import json
 import random
 import re
+import time
 
+import data as D
 from data import Problem, Trace, render
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Build a corpus of expert traces and report its size.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--corpus", default="minicode-midtrain",
+                        help="minicode-midtrain, minicode-pretrain, stdlib, a directory of .py files, hf:NAME or a .jsonl")
+    parser.add_argument("--tasks", type=int, default=10000, help="minicode: number of tasks")
+    parser.add_argument("--field", default="content", help="hf: the text field of each record")
+    parser.add_argument("--tokenizer", default="tiny-llama", help="model spec whose tokenizer counts tokens")
+    parser.add_argument("--row-len", type=int, default=2048, help="packed row length")
+    parser.add_argument("--out", default=None, help="write the traces here as jsonl")
+    ARGS = parser.parse_args()
 
 ARG_NAMES = {"ints": ["nums", "values", "xs", "numbers"], "int": ["n", "x", "num"], "text": ["s", "text", "line"],
              "words": ["words", "tokens", "items"], "counts": ["counts", "freq", "table"]}
@@ -782,3 +803,64 @@ def corpus(kind, n, seed=0, world=DEFAULT_WORLD):
     if kind == "midtrain":
         return [t.trace for t in midtrain_tasks(n, seed, world)]
     raise ValueError(f"corpus: kind is 'pretrain' or 'midtrain', not {kind!r}")
+
+
+# =====================================================================================================
+# The names the stages take
+# =====================================================================================================
+
+def load_traces(spec, n_tasks=10000, field="content"):
+    """(traces, latents or None) of a corpus a stage names: minicode-pretrain (plan comments as latents),
+    minicode-midtrain, minicode-midtrain-oracle (the same traces with the true plan comments as latents), a
+    minicode problem split (its expert solutions), each of n_tasks tasks (minicode-WORLD-... for another
+    world); any other name goes to data.load_traces (a traces .jsonl, stdlib, a directory of .py files,
+    hf:NAME_OR_PATH with `field`)."""
+    world, what = parse(spec) or (None, None)
+    if what == "pretrain":
+        pre = pretrain_tasks(n_tasks, world=world)
+        return [t.trace for t in pre], [t.plan_comments for t in pre]
+    if what == "midtrain":
+        return corpus("midtrain", n_tasks, world=world), None
+    if what == "midtrain-oracle":  # the same traces with the world's true plan comments (the oracle)
+        mid = midtrain_tasks(n_tasks, world=world)
+        return [t.trace for t in mid], [t.true_plan() for t in mid]
+    if what in SPLITS:  # the expert solutions of a problem split's first n_tasks (mstep.py --steps 0)
+        return [t.trace for t in split_tasks(world, what)[:n_tasks]], None
+    return D.load_traces(spec, field=field, also=[*names("corpus"), "a minicode split"])
+
+
+def load_problems(name, data=None):
+    """Problems of a benchmark a stage names: a minicode split (minicode-train, -valid, -heldout, -dev,
+    -dev-long; minicode-WORLD-SPLIT for another world, e.g. minicode-plain-heldout); any other name goes to
+    data.load_problems (humaneval, humaneval+, mbpp[-SPLIT], mbpp+ with files from `data` or $RA3_DATA, a
+    problems .jsonl)."""
+    world, split = parse(name) or (None, None)
+    if split in SPLITS:
+        return [t.problem for t in split_tasks(world, split)]
+    return D.load_problems(name, data, also=names("split"))
+
+
+def main(args):
+    import model
+    t0 = time.perf_counter()
+    traces, _ = load_traces(args.corpus, args.tasks, args.field)
+    t_build = time.perf_counter() - t0
+    _, tok = model.load_model(args.tokenizer, device="cpu")
+    t0 = time.perf_counter()
+    docs = [ids for ids, _, _ in D.encode_traces(tok, traces)]
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    packed = D.pack(docs, args.row_len)
+    t_pack = time.perf_counter() - t0
+    n_tok = sum(map(len, docs))
+    stats = dict(corpus=args.corpus, traces=len(traces), lines=sum(len(t.actions) for t in traces), tokens=n_tok,
+                 tokenizer=args.tokenizer, rows=len(packed.input_ids), row_len=args.row_len,
+                 fill=n_tok / packed.input_ids.numel(), split_docs=packed.n_split, build_s=round(t_build, 2),
+                 tokenize_s=round(t_tok, 2), pack_s=round(t_pack, 2))
+    if args.out:
+        D.write_traces(args.out, traces)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main(ARGS)

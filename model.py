@@ -34,6 +34,8 @@ import importlib
 import importlib.util
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
 import socket
@@ -1473,11 +1475,29 @@ def check_resumable(path, stage, args, keys):
                              f"{meta['args'].get(key)!r}, this run has {getattr(args, key)!r}")
 
 
+def load_trainer_state(file):
+    """The {step, optimizer, rng} dict that save_training writes to trainer.pt, read without running code: a
+    checkpoint folder from elsewhere is data, and a pickle can call anything while it is read. The trainer state
+    is tensors, numbers, strings and containers only (the optimizer's full state dict, the CPU RNG state as a
+    uint8 tensor), all of which torch.load's weights_only mode reads; a file that asks for anything else (a
+    function to call, a class to build) is refused in one line naming it, before any of it runs."""
+    try:
+        trainer = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{file}: refused to load: it asks for {what.group(1) if what else 'an object'} "
+                         "(a trainer state holds only tensors and numbers); a checkpoint from elsewhere can run code "
+                         "when unpickled, so resume only from checkpoints written by this code") from None
+    if not isinstance(trainer, dict) or not {"step", "optimizer", "rng"} <= trainer.keys():
+        raise ValueError(f"{file}: not a trainer state (a dict of step, optimizer and rng, as save_training writes)")
+    return trainer
+
+
 def load_training(path, net, optimizer):
     """Weights, optimizer state and RNG from a save_training checkpoint; returns its step."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    trainer = torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer = load_trainer_state(Path(path) / "trainer.pt")
     weights = {f"model.{k}": v for k, v in load_file(Path(path) / "model.safetensors").items()}
     set_state_dict(net, optimizer, model_state_dict=weights, optim_state_dict=trainer["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))

@@ -19,6 +19,8 @@ torchrun --nproc_per_node=N mstep.py ... runs DDP (gloo on CPU, NCCL on GPU); --
 """
 import argparse
 
+import flags
+
 parser = argparse.ArgumentParser(description="Next-token prediction on traces: M-step, NTP baseline, pretraining.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="minicode-base", help="model to start from (model.py spec)")
@@ -46,24 +48,16 @@ parser.add_argument("--mask-prompt", action="store_true", help="no loss on promp
 parser.add_argument("--eval-share", type=float, default=0.02, help="share of traces held out for the eval loss")
 parser.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps")
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-parser.add_argument("--resume", action="store_true",
-                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
-parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
-parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
+# --resume --overwrite --fsdp --seed --cpu-bf16 --wandb, alike in every trainer (flags.py)
+flags.add_trainer_flags(parser, seed_help="data order and initialisation seed")
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the decoder layers and the log-softmax (default: on GPU)")
-parser.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
-parser.add_argument("--cpu-bf16", action="store_true", help="on CPU, compute in bf16 as on GPU (bf16 autocast and "
-                    "bf16 copies for sampling and frozen models): 1.6-2x faster on CPUs with native bf16 "
-                    "(AVX512-BF16, AMX), slower on others")
 parser.add_argument("--family", default="llama", choices=["llama", "qwen2", "gpt2"], help="--init scratch: family")
 parser.add_argument("--hidden", type=int, default=192, help="--init scratch: hidden size")
 parser.add_argument("--layers", type=int, default=6, help="--init scratch: layers")
 parser.add_argument("--heads", type=int, default=6, help="--init scratch: attention heads")
 parser.add_argument("--kv-heads", type=int, default=2, help="--init scratch: key/value heads")
 parser.add_argument("--vocab-size", type=int, default=1024, help="--init scratch: tokenizer vocabulary")
-parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
-                    "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
 if __name__ == "__main__":
     args = parser.parse_args()
 
@@ -77,6 +71,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data as D  # noqa: E402
+import minicode  # noqa: E402
 import model as M  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 dense bf16, the figure MFU is reported against
@@ -261,7 +256,7 @@ def main(args):
     device = dist_info.device
     out = Path(args.out)
     torch.manual_seed(args.seed)
-    traces, latents = D.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
+    traces, latents = minicode.load_traces(args.data, n_tasks=args.n_tasks, field=args.field)
     model, tok = init_model(args, traces, latents, device)
     packed, eval_rows = build_rows(tok, traces, latents, args)
     if args.steps == 0:

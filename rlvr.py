@@ -27,6 +27,8 @@ each update.
 """
 import argparse
 
+import flags
+
 parser = argparse.ArgumentParser(description="GRPO with unit-test rewards; logs the held-out learning curve.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default="minicode-base", help="policy to start from (model.py spec)")
@@ -56,16 +58,8 @@ parser.add_argument("--max-rows", type=int, default=256, help="rows the sampler 
 parser.add_argument("--timeout", type=float, default=None, help="seconds per program (default: eval_code's per benchmark)")
 parser.add_argument("--workers", type=int, default=None, help="programs run at once per rank (default: CPU count)")
 parser.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps")
-parser.add_argument("--resume", action="store_true",
-                    help="continue from OUT/checkpoint (a finished run is kept: extended to more --steps, else as is)")
-parser.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT (else refused)")
-parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 instead of DDP")
-parser.add_argument("--seed", type=int, default=0, help="seed")
-parser.add_argument("--cpu-bf16", action="store_true", help="on CPU, compute in bf16 as on GPU (bf16 autocast and "
-                    "bf16 copies for sampling and frozen models): 1.6-2x faster on CPUs with native bf16 "
-                    "(AVX512-BF16, AMX), slower on others")
-parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the metrics to this Weights & Biases "
-                    "project (needs `pip install wandb`; WANDB_MODE=offline works without a network)")
+# --resume --overwrite --fsdp --seed --cpu-bf16 --wandb, alike in every trainer (flags.py)
+flags.add_trainer_flags(parser)
 if __name__ == "__main__":
     args = parser.parse_args()
 
@@ -82,6 +76,7 @@ import torch  # noqa: E402
 
 import data as D  # noqa: E402
 import eval_code as E  # noqa: E402
+import minicode  # noqa: E402
 import model as M  # noqa: E402
 
 RESUME_KEYS = ("model", "problems", "problems_limit", "batch_prompts", "group", "temperature", "lr", "warmup", "epochs",
@@ -274,13 +269,13 @@ def held_out_pass1(policy, tok, problems, executor, args, dist):
 
 def load_problem_sets(args):
     """Training problems without any held-out task (by id, MBPP number or prompt), and the held-out ones."""
-    train = D.load_problems(args.problems, data=args.data)[:args.problems_limit]
-    evals = D.load_problems(args.eval_bench, data=args.data)
+    train = minicode.load_problems(args.problems, data=args.data)[:args.problems_limit]
+    evals = minicode.load_problems(args.eval_bench, data=args.data)
     eval_sets = [evals]
     if any(p.source in ("mbpp", "mbpp+") for p in train):  # MBPP train shares 111 tasks with MBPP+
         for name in ("mbpp", "mbpp+", "humaneval"):
             try:
-                eval_sets.append(D.load_problems(name, data=args.data))
+                eval_sets.append(minicode.load_problems(name, data=args.data))
             except Exception as e:  # offline without the file: say so, the run can still go on
                 M.print0(f"warning: could not load {name} to check overlap with it ({e})")
     kept = D.drop_overlap(train, *eval_sets)

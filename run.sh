@@ -84,7 +84,7 @@ else launch() { python "$@"; }
 fi
 stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 ORACLE=; [[ "$DATA" =~ ^minicode-(.*-)?midtrain$ ]] && ORACLE=1  # minicode knows every trace's true plan
-CODE=$(cat model.py data.py minicode.py estep.py mstep.py rlvr.py eval_code.py | sha1sum | cut -c1-12)
+CODE=$(cat model.py data.py minicode.py flags.py estep.py mstep.py rlvr.py eval_code.py | sha1sum | cut -c1-12)
 
 stage_key() {  # what a stage's result depends on: the code, its command, and the stages whose outputs it reads
   local arg key="$CODE $*"

@@ -1,6 +1,9 @@
 """minicode.py: the world's step table, seeded splits, corpora, and the true intent of every line."""
 import ast
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +57,7 @@ def test_minicode_corpora_comment_some_steps_and_only_in_pretraining():
 
 
 def test_minicode_splits_by_name():
-    held = D.load_problems("minicode-heldout")
+    held = minicode.load_problems("minicode-heldout")
     assert len(held) == 500 and held[0].task_id.startswith("minicode/heldout/")
     assert len({p.task_id for p in held}) == 500
 
@@ -138,12 +141,34 @@ def test_minicode_names_parse_into_world_and_split():
     assert minicode.parse("minicode-echo+anon-midtrain-oracle") == ("echo+anon", "midtrain-oracle")
     assert minicode.parse("minicode-anon-dev-long") == ("anon", "dev-long")
     assert minicode.parse("minicode-nope") is None and minicode.parse("mbpp") is None
-    echo = D.load_problems("minicode-echo-dev")
+    echo = minicode.load_problems("minicode-echo-dev")
     assert len(echo) == 500 and echo[0].prompt == minicode.split_tasks("echo", "dev")[0].problem.prompt
-    traces, latents = D.load_traces("minicode-anon-midtrain-oracle", n_tasks=5)
+    traces, latents = minicode.load_traces("minicode-anon-midtrain-oracle", n_tasks=5)
     assert len(traces) == 5 and all(any(z is not None for z in zs) for zs in latents)
     with pytest.raises(D.DataError, match="minicode-echo-heldout"):
-        D.load_problems("minicode-echo-test")
+        minicode.load_problems("minicode-echo-test")
+
+
+
+def test_names_resolve_here_and_data_knows_nothing_of_minicode():
+    """The dependency runs one way, minicode -> data: data.py neither imports minicode nor loads it when
+    imported. The stages resolve names here, minicode's first, then by data.py's loaders; an unknown name is
+    refused with every kind listed, as before the split."""
+    root = Path(__file__).resolve().parent.parent
+    assert not re.search(r"^\s*(import|from) minicode\b", (root / "data.py").read_text(), re.M)
+    probe = "import sys, data; assert 'minicode' not in sys.modules, 'data imported minicode'"
+    p = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with pytest.raises(D.DataError, match=r"^unknown corpus 'nope': a traces .jsonl, minicode-pretrain, minicode-midtrain, "
+                       r".*minicode-arith-midtrain-oracle, a minicode split, stdlib, a directory of .py files, or hf:NAME$"):
+        minicode.load_traces("nope")
+    with pytest.raises(D.DataError, match=r"^unknown benchmark 'minicode-bogus': humaneval, humaneval\+, "
+                       r"mbpp\[-train\|-validation\|-test\], mbpp\+, minicode-train, .*minicode-arith-dev-long, "
+                       r"or a path to a problems .jsonl$"):
+        minicode.load_problems("minicode-bogus")
+    with pytest.raises(D.DataError, match=r"^unknown corpus 'nope': a traces .jsonl, stdlib, a directory"):
+        D.load_traces("nope")  # data.py alone names its own kinds
+    assert minicode.load_problems("humaneval") == D.load_problems("humaneval")  # the rest: data.py's loaders
 
 
 # ---- the skills world ---------------------------------------------------------------------------------------
@@ -256,9 +281,9 @@ def test_skills_held_out_compositions_never_train():
 def test_skills_world_by_name():
     assert minicode.parse("minicode-skills-midtrain") == ("skills", "midtrain")
     assert "minicode-skills-dev-long" in minicode.names() and "minicode-skills-pretrain" in minicode.names("corpus")
-    dev = D.load_problems("minicode-skills-dev")
+    dev = minicode.load_problems("minicode-skills-dev")
     assert len(dev) == 500 and dev[0].prompt == minicode.split_tasks("skills", "dev")[0].problem.prompt
-    traces, latents = D.load_traces("minicode-skills-midtrain-oracle", n_tasks=5)
+    traces, latents = minicode.load_traces("minicode-skills-midtrain-oracle", n_tasks=5)
     tasks = minicode.midtrain_tasks(5, world="skills")
     assert [sum(z is not None for z in zs) for zs in latents] == [len(t.kinds) for t in tasks]
 
@@ -363,10 +388,10 @@ def test_arith_world_by_name():
     assert minicode.parse("minicode-arith-midtrain") == ("arith", "midtrain")
     assert "minicode-arith-dev-long" in minicode.names() and "minicode-arith-midtrain-oracle" in minicode.names("corpus")
     dev = minicode.split_tasks("arith", "dev")
-    assert len(dev) == 500 and dev[0].problem.prompt == D.load_problems("minicode-arith-dev")[0].prompt
+    assert len(dev) == 500 and dev[0].problem.prompt == minicode.load_problems("minicode-arith-dev")[0].prompt
     for t in dev[:200] + minicode.midtrain_tasks(200, world="arith"):  # the references pass their own tests
         ns = {}
         exec(t.problem.prompt + t.problem.canonical_solution + t.problem.test, ns)
         ns["check"](ns[t.problem.entry_point])
-    traces, latents = D.load_traces("minicode-arith-midtrain-oracle", n_tasks=5)
+    traces, latents = minicode.load_traces("minicode-arith-midtrain-oracle", n_tasks=5)
     assert latents == [t.true_plan() for t in minicode.midtrain_tasks(5, world="arith")]

@@ -148,6 +148,55 @@ def test_save_killed_between_renames_is_recovered(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+class _Hostile:
+    """Unpickling this runs code (here: it creates a marker file), as a trainer.pt from elsewhere could."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def test_resume_reads_trainer_state_without_running_code(tmp_path, monkeypatch, capsys):
+    """save_training's trainer.pt loads back in weights-only mode (optimizer state, RNG, step); a hostile
+    trainer.pt is refused in one line naming it, and nothing in it runs."""
+    import argparse
+    mdl, tok = tiny("tiny-llama")
+    mdl.train()
+    net = torch.nn.ModuleDict({"model": mdl})  # the trainers' module holds the model as net.model
+    opt = torch.optim.AdamW(mdl.parameters(), lr=1e-3)
+    mdl(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # as after a trainer's step
+    M.save_training(tmp_path / "ck", net, mdl, tok, opt, "mstep", 7, argparse.Namespace(lr=1e-3), {})
+    rng = torch.get_rng_state()
+    torch.rand(3)  # move the RNG on: loading must put it back
+    opt2 = torch.optim.AdamW(mdl.parameters(), lr=1e-3)
+    assert M.load_training(tmp_path / "ck", net, opt2) == 7 and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(opt.state[p]["exp_avg"], opt2.state[p]["exp_avg"]) for p in mdl.parameters())
+
+    marker = tmp_path / "ran"
+    torch.save({"step": 1, "optimizer": {}, "rng": _Hostile(marker)}, tmp_path / "ck" / "trainer.pt")
+    with pytest.raises(ValueError) as e:
+        M.load_training(tmp_path / "ck", net, opt2)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "ck" / "trainer.pt") in msg and "refused" in msg, msg
+    assert not marker.exists()
+    monkeypatch.setattr(sys, "argv", ["mstep.py"])  # as a stage prints it: one line, exit 2
+    with pytest.raises(SystemExit) as stop:
+        M.run_main(lambda a: M.load_training(tmp_path / "ck", net, opt2), None)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("mstep.py: error: "), err
+    assert not marker.exists()
+    torch.save([1, 2], tmp_path / "ck" / "trainer.pt")  # loads, but is not a trainer state
+    with pytest.raises(ValueError, match="trainer.pt: not a trainer state"):
+        M.load_training(tmp_path / "ck", net, opt2)
+    torch.save({"x": _Hostile(marker)}, tmp_path / "evil.pt")  # the control: the file really is hostile
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
 # ---- sampler ---------------------------------------------------------------------------------------------
 
 def hf_greedy(mdl, tok, prompts, new):

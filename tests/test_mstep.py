@@ -264,3 +264,14 @@ def test_compiled_training_on_gpu(tmp_path):
     assert a[-1] < a[0] - 0.3 and max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
     mdl, _ = M.load_model(str(tmp_path / "--compile" / "model"), device="cpu")
     assert not any("_orig_mod" in k for k in mdl.state_dict())
+
+
+@pytest.mark.parametrize("script", ["estep.py", "mstep.py", "rlvr.py"])
+def test_trainer_help_lists_the_shared_flags_without_torch(script):
+    """Every trainer takes flags.py's shared flags, and its --help answers before torch is imported."""
+    import re
+    p = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert all(f in p.stdout for f in ("--resume", "--overwrite", "--fsdp", "--seed", "--cpu-bf16", "--wandb"))
+    assert not re.search(r"\|\s+torch(\.|$)", p.stderr, re.M), "--help imported torch"

@@ -9,6 +9,7 @@ import torch
 
 import data as D
 import eval_code as E
+import minicode
 import model as M
 import rlvr
 from helpers import tiny, torchrun
@@ -201,8 +202,8 @@ def test_split_asserts_on_benchmark_shapes():
     assert len(variants) == 2 and all("import math" in v and v.count("assert") == 1 for v in variants)
     assert E.split_asserts("def check(candidate):\n    assert candidate(1); assert candidate(2)\n") == \
         ["def check(candidate):\n    assert candidate(1); assert candidate(2)\n"]  # one line: not split
-    minicode = D.load_problems("minicode-train")[0]
-    assert len(E.split_asserts(minicode.test)) == minicode.test.count("assert ")
+    task = minicode.load_problems("minicode-train")[0]
+    assert len(E.split_asserts(task.test)) == task.test.count("assert ")
 
 
 def test_training_problems_never_include_eval_tasks():
