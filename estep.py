@@ -795,6 +795,7 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
       think_at_starts, think_elsewhere   q's think rate where the true plan comments (minicode: where a step
                             starts) and elsewhere
       at_plan               the share of q's comments placed where the true plan comments too
+      plan_rate, plan_per_trace   the true plan's comments per line and per trace (what _plan - _none buys)
       named_step, named_param, wrong_step, unnamed   shares of q's comments that name the step that
                             follows, name its parameter too, name another step, name none (minicode)
     The true plan is minicode's plan comments or, on stripped real code, the expert's own comments. Sums are
@@ -821,7 +822,7 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
                    think_at_starts=sums["thinks_at_starts"] / sums["starts"] if sums["starts"] else None,
                    think_elsewhere=sums["thinks_elsewhere"] / (sums["lines"] - sums["starts"]),
                    at_plan=sums["thinks_at_starts"] / sums["thinks"] if sums["thinks"] else None,
-                   plan_rate=sums["starts"] / sums["lines"])
+                   plan_rate=sums["starts"] / sums["lines"], plan_per_trace=sums["starts"] / sums["traces"])
     if tasks is not None:
         comments = sums["comments"]
         out.update({k: sums[k] / comments if comments else None

@@ -160,7 +160,8 @@ def test_names_resolve_here_and_data_knows_nothing_of_minicode():
     p = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     with pytest.raises(D.DataError, match=r"^unknown corpus 'nope': a traces .jsonl, minicode-pretrain, minicode-midtrain, "
-                       r".*minicode-arith-midtrain-oracle, a minicode split, stdlib, a directory of .py files, or hf:NAME$"):
+                       r".*minicode-arith-midtrain-oracle, a minicode split, stdlib, a directory of .py files, or hf:NAME "
+                       r"\(each also as stripped:SPEC or oracle:SPEC\)$"):
         minicode.load_traces("nope")
     with pytest.raises(D.DataError, match=r"^unknown benchmark 'minicode-bogus': humaneval, humaneval\+, "
                        r"mbpp\[-train\|-validation\|-test\], mbpp\+, minicode-train, .*minicode-arith-dev-long, "
