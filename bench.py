@@ -13,7 +13,7 @@ with --profile, where the time goes (the functions with the most cumulative time
 RL (--rlvr): the same for rlvr.py's loop at its default batch (16 prompts x 8 samples): the median time
 of a step's phases (sampling, scoring pi_old, waiting for the tests, the update). --stage-args passes
 more flags to both sides (another corpus, say), --baseline-args to the baseline only. gpu.sh runs the
-GPU figures of README "Speed" through this script in one go.
+GPU figures of docs/speed.md through this script in one go.
 
     python bench.py                                   # CPU, tiny preset
     python bench.py --model smollm2 --prompts 64 --n 4,10 --max-new-tokens 128   # GPU

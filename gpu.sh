@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu.sh: the GPU figures of README "Speed" in one run on one CUDA device, each part under a time limit,
+# gpu.sh: the GPU figures of docs/speed.md in one run on one CUDA device, each part under a time limit,
 # its log written to OUT as it goes (so a part that runs out of time still leaves what it measured); the
 # limits add up to under 10 minutes on an H200 (tests apart), the most one call of our device tool may run:
 #   tests    pytest -m gpu: CUDA graphs, ragged feeds and the GPU attention kernels keep the CPU tests'

@@ -1,6 +1,6 @@
 """report.py: the table of a run.sh experiment, from the summaries its stages wrote.
 
-    python report.py runs/pipeline          # writes runs/pipeline/results.md (and curves.png with matplotlib)
+    python report.py runs/pipeline          # writes runs/pipeline/results.md and its figures
 
 Per seed and model (base, NTP, oracle, RA3): held-out pass@1 and pass@5, think rate of the samples, the
 cross-entropy on held-out expert code, the ELBO per held-out mid-training trace with the model's own comments
@@ -12,6 +12,10 @@ recovers, (RA3 - NTP) / (oracle - NTP). Then what each E-step learned (held-out 
 first and last measurement, the share of its comments that name the right step) and what it wrote into the
 corpus. The oracle is the M-step on traces with the world's true plan comments: what any latents could buy
 at this budget. The settings of the run (run.sh writes them to OUT/settings.txt) head the file.
+
+The figures read the same files: pass1.png (held-out pass@1 per model, ± sd over seeds), estep.png (each
+E-step's held-out ELBO and think rate over its updates, from its metrics.jsonl), curves.png (the RLVR
+curves per start: reward, held-out pass@1, think rate) and pipeline.png, one row of the three.
 
     python report.py runs/worlds --worlds echo anon  # worlds.sh's tables, into runs/worlds/worlds.md
 
@@ -138,33 +142,97 @@ def estep_table(seeds):
     return lines if len(lines) > 2 else []
 
 
-def plot(out, seeds):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plots)")
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+LABELS = dict(base="base", ntp="NTP", oracle="oracle", ra3="RA3")
+COLORS = dict(base="C7", ntp="C0", oracle="C2", ra3="C3")  # one colour per model in every panel
+
+
+def draw_pass1(ax, seeds):
+    """Held-out pass@1 per model: the mean over seeds as a bar, each seed as a dot, ± sd as an error bar."""
+    names = [n for n in MODELS if any((d / f"eval-{n}").exists() for d in seeds)]
+    for i, n in enumerate(names):
+        p1 = [v for v in (load(d / f"eval-{n}").get("pass@1") for d in seeds) if v is not None]
+        if not p1:
+            continue
+        sd = statistics.stdev(p1) if len(p1) > 1 else 0.0
+        ax.bar(i, statistics.mean(p1), yerr=sd if len(p1) > 1 else None, capsize=4, color=COLORS[n], alpha=0.6)
+        ax.plot([i] * len(p1), p1, "k.", ms=5)
+        ax.text(i, 0.04, f"{statistics.mean(p1):.2f}", ha="center", fontsize=9)  # inside the bar: clear of the error bar
+    ax.set_xticks(range(len(names)), [LABELS[n] for n in names])
+    ax.set_ylim(0, 1.05)
+    spread = f"mean ± sd, {len(seeds)} seeds" if len(seeds) > 1 else "1 seed"
+    ax.set_title(f"held-out pass@1 ({spread})", fontsize=10)
+
+
+def draw_estep(ax, seeds, key, title):
+    """One held-out instrument of every E-step over its updates, one line per EM iteration (and seed)."""
     for d in seeds:
-        for i, name in enumerate(MODELS[1:]):
-            m = curve(d / f"rl-{name}")
-            steps, evals = [x for x in m if "reward" in x], [x for x in m if "eval_pass1" in x]
+        for e in sorted((d / "ra3").glob("e*/"), key=lambda p: int(p.name[1:])):
+            held = [m for m in curve(e) if m.get(key) is not None]
+            if not held:  # an empty line still counts as data: the panel would not say it is empty
+                continue
+            k = int(e.name[1:])
+            ax.plot([m["step"] for m in held], [m[key] for m in held], color=f"C{(k + 3) % 10}", marker="o", ms=3,
+                    label=f"EM iteration {k}" if d == seeds[0] else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("E-step update")
+
+
+def draw_rlvr(ax, seeds, key, title, marker=None):
+    """One RLVR curve per start (NTP, oracle, RA3), every seed in the start's colour."""
+    for d in seeds:
+        for name in MODELS[1:]:
+            m = [x for x in curve(d / f"rl-{name}") if x.get(key) is not None]
             if not m:
                 continue
-            label, color = (name if d == seeds[0] else None), f"C{i}"
-            axes[0].plot([x["step"] for x in steps], [x["reward"] for x in steps], color=color, label=label)
-            axes[1].plot([x["step"] for x in evals], [x["eval_pass1"] for x in evals], color=color, marker="o",
-                         label=label)
-            axes[2].plot([x["step"] for x in steps], [x["think_rate"] for x in steps], color=color, label=label)
-    for ax, title in zip(axes, ("RLVR reward", "held-out greedy pass@1", "think rate of samples")):
-        ax.set_title(title)
-        ax.set_xlabel("RLVR step")
-        ax.legend()
+            ax.plot([x["step"] for x in m], [x[key] for x in m], color=COLORS[name], marker=marker, ms=4,
+                    label=f"from {LABELS[name]}" if d == seeds[0] else None)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("RLVR step")
+
+
+def finish(fig, path, dpi):
+    for ax in fig.axes:
+        if ax.has_data():
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        else:  # say so rather than leave a blank frame that reads as a zero
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    print(f"plots: {out / 'curves.png'}")
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def plot(out, seeds):
+    """The figures, from the same files as the tables: pipeline.png (the overview the README shows),
+    pass1.png, estep.png and curves.png (RLVR)."""
+    try:
+        import matplotlib
+    except ImportError:  # a requirement: a run without figures should not look like a finished report
+        raise SystemExit(f"report.py: error: matplotlib is not installed (pip install -r requirements.txt); "
+                         f"{out / 'results.md'} is written, the figures are not")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    draw_pass1(axes[0], seeds)
+    draw_estep(axes[1], seeds, "heldout_elbo", "E-step: held-out ELBO per trace")
+    draw_estep(axes[2], seeds, "heldout_think_rate", "E-step: held-out think rate")
+    draw_rlvr(axes[3], seeds, "eval_pass1", "RLVR: held-out greedy pass@1", marker="o")
+    paths.append(finish(fig, out / "pipeline.png", dpi=90))
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    draw_pass1(ax, seeds)
+    paths.append(finish(fig, out / "pass1.png", dpi=120))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    draw_estep(axes[0], seeds, "heldout_elbo", "held-out ELBO per trace")
+    draw_estep(axes[1], seeds, "heldout_think_rate", "held-out think rate")
+    paths.append(finish(fig, out / "estep.png", dpi=120))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    draw_rlvr(axes[0], seeds, "reward", "RLVR reward")
+    draw_rlvr(axes[1], seeds, "eval_pass1", "held-out greedy pass@1", marker="o")
+    draw_rlvr(axes[2], seeds, "think_rate", "think rate of samples")
+    paths.append(finish(fig, out / "curves.png", dpi=120))
+    plt.close("all")
+    print("figures: " + ", ".join(str(p) for p in paths))
 
 
 # ---- worlds.sh ------------------------------------------------------------------------------------------

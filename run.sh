@@ -10,7 +10,7 @@
 #   CE      mstep.py --steps 0: each model's cross-entropy on held-out expert code  -> .../ce-*
 #   ELBO    estep.py --steps 0: each model's ELBO with its own comments (minicode) -> .../elbo-*
 #   RLVR    rlvr.py from NTP, oracle and RA3 with the same settings (held-out curve) -> .../rl-*
-#   report  report.py: OUT/results.md (per seed, and mean +- sd over seeds), OUT/curves.png with matplotlib
+#   report  report.py: OUT/results.md (per seed, and mean +- sd over seeds) and the figures, OUT/*.png
 #
 # Each stage records what it ran (command, code, the stages it read) in its folder. A rerun skips a stage
 # that finished exactly that, resumes one that was killed, and stops at one that finished something else

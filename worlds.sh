@@ -2,7 +2,7 @@
 # worlds.sh: in which minicode world does latent intent pay? The oracle (an M-step on the traces with their
 # true plan comments) bounds what any latents can buy; RA3 is worth comparing only where it beats NTP.
 # For each world, side by side:
-#   base    mstep.py --init scratch on the world's pretraining corpus (README's base-model command)
+#   base    mstep.py --init scratch on the world's pretraining corpus (docs/mstep.md's base-model command)
 #   ntp     mstep.py from that base on the raw mid-training traces          } run.sh's default budget,
 #   oracle  mstep.py from that base on the same traces with the true plan   } --seeds of each
 #   eval    greedy pass@1 on the world's dev split: held-out compositions that the test tasks

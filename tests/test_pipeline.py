@@ -53,17 +53,21 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     assert p.stdout.count("done already") == 2  # NTP and the oracle do not depend on c
 
 
-def test_report_averages_seeds(tmp_path):
-    """report.py on outputs written here: per seed, mean ± sd over seeds, and the comparison with NTP."""
-    out = tmp_path / "exp"
+def fake_run(out):
+    """A run.sh output of 2 seeds with made-up numbers, as the stages write them."""
     write = lambda path, obj: (path.parent.mkdir(parents=True, exist_ok=True), path.write_text(json.dumps(obj)))
     runs = [(dict(ntp=0.8, oracle=0.9, ra3=0.6), dict(ntp=[0.80, 0.86], ra3=[0.60, 0.90])),
             (dict(ntp=0.9, oracle=1.0, ra3=0.7), dict(ntp=[0.70, 0.75], ra3=[0.60, 0.70]))]
     for s, (p1, curves) in enumerate(runs):
         d = out / f"seed{s}"
         for k in (1, 2):
-            write(d / f"ra3/e{k}/summary.json", {"heldout_curve": [{"heldout_elbo": -2.0 * k}, {"heldout_elbo": -1.0 * k}],
-                                                  "annotated_think_rate": 0.1 * k})
+            held = [{"step": 0, "heldout_elbo": -2.0 * k, "heldout_think_rate": 0.5},
+                    {"step": 2, "heldout_elbo": -1.0 * k - s, "heldout_think_rate": 0.1}]
+            write(d / f"ra3/e{k}/summary.json", {"heldout_curve": held, "annotated_think_rate": 0.1 * k})
+            # as estep.py logs them: the instruments at step 0 and every --eval-every updates, plain updates between
+            (d / f"ra3/e{k}/metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
+                held[0], {"step": 1, "reward": -1.0, "think_rate": 0.3},
+                {"reward": -0.5, "think_rate": 0.1, **held[1]}]) + "\n")
         for name, p in dict(base=0.5, **p1).items():
             write(d / f"eval-{name}/summary.json", {"pass@1": p, "think_rate": 0.0})
             write(d / f"ce-{name}/summary.json", {"eval_loss": 1.0 + s})
@@ -75,6 +79,12 @@ def test_report_averages_seeds(tmp_path):
                 {"step": 0, "eval_pass1": c[0]},
                 {"step": 2, "reward": 0.5, "think_rate": 0.0, "eval_pass1": c[1]}]) + "\n")
     (out / "settings.txt").write_text("run.sh test settings")
+
+
+def test_report_averages_seeds(tmp_path):
+    """report.py on outputs written here: per seed, mean ± sd over seeds, and the comparison with NTP."""
+    out = tmp_path / "exp"
+    fake_run(out)
     p = subprocess.run([sys.executable, str(ROOT / "report.py"), str(out)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = (out / "results.md").read_text()
@@ -88,7 +98,38 @@ def test_report_averages_seeds(tmp_path):
     assert "- RA3 - NTP, pass@1: -0.200 ± 0.000 (2 seeds: -0.200, -0.200)" in text
     assert "- oracle - NTP, pass@1: +0.100 ± 0.000" in text
     assert "- share of the oracle's gain RA3 recovers: -2.00" in text
-    assert "| seed1 | 2 | -4.000 -> -2.000 |" in text  # the E-step's held-out ELBO, first -> last
+    assert "| seed1 | 2 | -4.000 -> -3.000 |" in text  # the E-step's held-out ELBO, first -> last
+
+
+def test_report_draws_its_figures(tmp_path):
+    """report.py writes its figures (PNG, not blank), and each panel holds what the stages logged: pass@1 per
+    model with the spread over seeds, each E-step's held-out ELBO over its updates, the RLVR curves."""
+    out = tmp_path / "exp"
+    fake_run(out)
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for name in ("pipeline", "pass1", "estep", "curves"):
+        path = out / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        image = plt.imread(path)
+        assert image.shape[0] > 200 and image[..., :3].std() > 0.05, name  # drawn on, not an empty canvas
+    report = importlib.import_module("report")
+    seeds = [out / "seed0", out / "seed1"]
+    fig, axes = plt.subplots(1, 3)
+    report.draw_pass1(axes[0], seeds)
+    bars = [b.get_height() for b in axes[0].patches]
+    assert bars == pytest.approx([0.5, 0.85, 0.95, 0.65])  # base, NTP, oracle, RA3: means over the two seeds
+    caps = [line.get_segments()[0] for line in axes[0].collections]  # the error bars: ± sd over seeds
+    assert caps[1][:, 1] == pytest.approx([0.85 - 0.0707, 0.85 + 0.0707], abs=1e-3)
+    report.draw_estep(axes[1], seeds, "heldout_elbo", "ELBO")
+    lines = {(tuple(x.get_xdata()), tuple(x.get_ydata())) for x in axes[1].get_lines()}
+    assert lines == {((0, 2), (-2.0, -1.0)), ((0, 2), (-4.0, -2.0)), ((0, 2), (-2.0, -2.0)), ((0, 2), (-4.0, -3.0))}
+    report.draw_rlvr(axes[2], seeds, "eval_pass1", "pass@1")
+    assert sorted(tuple(x.get_ydata()) for x in axes[2].get_lines()) == [(0.6, 0.7), (0.6, 0.9), (0.7, 0.75), (0.8, 0.86)]
+    plt.close(fig)
 
 
 def test_worlds_report_splits_the_oracle_by_its_plan(tmp_path):
