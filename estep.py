@@ -10,9 +10,13 @@ Paper map (RA3, arXiv 2509.25810, as ../shared/DESIGN.md implements it):
   return           R_t = sum_{k<H} gamma^k r_t+k, cut at the end of the trace       -> truncated_returns
   advantage        A_i,t = R_i,t - mean_j R_j,t over the G rollouts of a trace      -> grpo_advantages
   policy loss      -A * ratio (PPO-clipped) on q's latent events, token-mean        -> policy_loss
+  exploration      decisions drawn from b = e * (q | think) + (1 - e) * q, each
+                   weighted by q / b, so the decision's gradient is still q's       -> _sample, policy_loss
   bootstrap        q writes latents into the mid-training traces for mstep.py       -> annotate
   what q learned   held-out ELBO, think rates, code likelihood with q's comments /
-                   none / the true plan, comments that name the right step          -> instruments
+                   none / the true plan (minicode's plan, or on stripped:SPEC real
+                   code the expert's own comments), where q comments against where
+                   the true plan does, comments that name the right step           -> instruments
 
 q's choices, exactly. Each line of the trace is fed as one *unit* of tokens, tokenized on its own, so that
 line starts are token boundaries; whether the newline ends a unit or starts the next is chosen per
@@ -31,6 +35,7 @@ teacher forcing, `_rollout_chunk`): every decision is still drawn from q's exact
 and training passes compute each trace's prompt once for its G rollouts (`prompt_layout`).
 
     python estep.py                                  # minicode-base on minicode mid-training traces
+    python estep.py --model smollm2 --data stripped:stdlib --cpu-bf16 --explore 0.1   # real code, its comments as truth
     python estep.py --q runs/estep/q --steps 0 --annotate gain   # annotate again with a trained q
     torchrun --nproc_per_node=8 estep.py --model runs/ntp/model --data stdlib --batch-traces 64 --group 8
 

@@ -373,7 +373,7 @@ def test_learns_to_write_the_comment_where_it_helps(toy, tmp_path, precision, mo
     assert first > 0.8 and second < 0.1  # where it helps, and not elsewhere
     latents = [json.loads(x)["latents"][0] for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
     assert sum(z == "# double it" for z in latents) > 0.7 * len(latents)
-    assert s["annotated"] == 64 and (tmp_path / "q" / "model.safetensors").is_file()
+    assert s["annotated"] == 48 and (tmp_path / "q" / "model.safetensors").is_file()  # 16 held out, never annotated
 
 
 @pytest.mark.parametrize("penalty", ["0.05", "0.5"])
@@ -504,6 +504,39 @@ def test_fsdp_run_and_resume_equal_ddp(toy, tmp_path):
 
 def metrics(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def real_code(root, n_files, seed):
+    """A directory of small modules whose functions carry comments, as real code does."""
+    rng = random.Random(seed)
+    root.mkdir()
+    for i in range(n_files):
+        (root / f"m{i}.py").write_text("".join(
+            f"def f{j}(x):\n    # {rng.choice(['scale it', 'shift it', 'keep it'])}\n    y = {rng.choice(OPS)}\n"
+            f"    if y > {j}:\n        # clamp\n        y = {j}\n    return y\n\n" for j in range(3)))
+    return root
+
+
+def test_real_code_holds_out_whole_files_and_measures_the_experts_comments(tmp_path):
+    data = real_code(tmp_path / "code", 16, seed=0)
+    out = tmp_path / "run"
+    s = E.main(E.parser.parse_args(["--model", "tiny-llama", "--data", f"stripped:{data}", "--steps", "1",
+                                    "--batch-traces", "2", "--group", "2", "--eval-traces", "6", "--micro-rows", "8",
+                                    "--out", str(out)]))
+    m = s["heldout_curve"][0]
+    traces, plans = D.load_traces(f"oracle:{data}")
+    kept, held = D.held_out_files(traces, 6)
+    assert m["heldout_plan_rate"] == 2 / 4 and m["heldout_plan_per_trace"] == 2  # every function: 2 of its 4 lines
+    assert m["heldout_code_ll_plan"] != m["heldout_code_ll_none"]
+    annotated = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
+    assert len(annotated) == len(kept) and not {D.trace_file(r["id"]) for r in annotated} & {D.trace_file(t.id) for t in held}
+    assert all("#" not in "".join(r["actions"]) for r in annotated)  # q and the M-step see the code stripped
+    # --eval-data: the instruments read another corpus, the training traces are --data's own, all of them
+    other = real_code(tmp_path / "unseen", 3, seed=1)
+    s = E.main(E.parser.parse_args(["--model", "tiny-llama", "--data", f"stripped:{data}", "--steps", "0",
+                                    "--eval-data", f"stripped:{other}", "--eval-traces", "6", "--micro-rows", "8",
+                                    "--out", str(tmp_path / "run2")]))
+    assert s["annotated"] == len(traces) and s["heldout_curve"][0]["heldout_plan_per_trace"] == 2
 
 
 def test_bad_input(tmp_path):
