@@ -651,14 +651,18 @@ def group_advantages(rollouts, r, group, args):
     return adv, flat
 
 
-def step_stats(rollouts, r, flat, n_groups):
+def step_stats(rollouts, r, adv, flat, n_groups):
+    """The batch's numbers. think_advantage: the mean advantage of a line after a comment, its return against
+    the group's at that line (mostly no comment): what a comment bought over H lines, less c, on average."""
     thinks = [z is not None for ro in rollouts for z in ro.latents]
+    gains = [a[t] for ro, a in zip(rollouts, adv) for t, z in enumerate(ro.latents) if z is not None]
     lengths = [sum(1 for role, line in zip(ro.roles, ro.lines) if role == COMMENT and line == t)
                for ro in rollouts for t, z in enumerate(ro.latents) if z is not None]
     cuts = [c for ro in rollouts for c, z in zip(ro.cut, ro.latents) if z is not None]
     return dict(reward=float(np.mean(np.concatenate(r))), elbo=float(np.mean([x.sum() for x in r])),
                 think_rate=float(np.mean(thinks)), latent_len=float(np.mean(lengths)) if lengths else 0.0,
-                cut_share=float(np.mean(cuts)) if cuts else 0.0, zero_spread=flat / max(n_groups, 1))
+                cut_share=float(np.mean(cuts)) if cuts else 0.0, zero_spread=flat / max(n_groups, 1),
+                think_advantage=float(np.mean(gains)) if gains else 0.0)
 
 
 def annotate(q, pi, units, sets, plans, args):
@@ -934,7 +938,7 @@ def main(args):
         M.sync_sampling_copy(sampler, q)
         t3 = time.perf_counter()
         n_groups = sum(len(p.actions) for p in batch)
-        stats = step_stats(rolls, r, flat, n_groups)
+        stats = step_stats(rolls, r, adv, flat, n_groups)
         stats = {k: M.all_reduce_mean(v) for k, v in stats.items()}
         tokens = M.all_reduce_sum(float(sum(len(x.plan.prompt) + len(x.ids) for x in rolls)))
         last = dict(step=step + 1, **stats, kl=extra.get("kl", 0.0), events=n_events,

@@ -51,6 +51,17 @@ def test_grpo_advantages_equal_a_loop(std_scale):
     assert flat.tolist() == [t == 2 for t in range(6)]
 
 
+def test_step_stats_count_what_comments_bought():
+    from types import SimpleNamespace as NS
+    rolls = [NS(latents=[None, "# a"], roles=[E.CODE, E.COMMENT, E.COMMENT, E.CODE], lines=[0, 1, 1, 1], cut=[False, True]),
+             NS(latents=["# b", None], roles=[E.COMMENT, E.CODE, E.CODE], lines=[0, 0, 1], cut=[False, False])]
+    r = [np.array([-1.0, -2.0]), np.array([-3.0, -4.0])]
+    adv = [np.array([0.5, 1.5]), np.array([-0.25, 2.0])]
+    s = E.step_stats(rolls, r, adv, flat=1, n_groups=4)
+    assert s["think_advantage"] == (1.5 - 0.25) / 2 and s["think_rate"] == 0.5 and s["latent_len"] == 1.5
+    assert s["cut_share"] == 0.5 and s["elbo"] == -5.0 and s["zero_spread"] == 0.25
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny model pretrained on two kinds of functions. f: the first line is one of 8 at random, except
