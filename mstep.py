@@ -28,7 +28,8 @@ parser.add_argument("--init", choices=["model", "scratch"], default="model",
                     help="start from --model, or from random weights with a tokenizer trained on --data")
 parser.add_argument("--data", default="minicode-midtrain",
                     help="traces .jsonl (latents included), minicode-pretrain, minicode-midtrain, a minicode "
-                         "problem split such as minicode-heldout (its expert solutions), stdlib, DIR, hf:NAME")
+                         "problem split such as minicode-heldout (its expert solutions), stdlib, DIR, hf:NAME; real "
+                         "code as stripped:SPEC (comments out) or oracle:SPEC (the expert's comments as latents)")
 parser.add_argument("--n-tasks", type=int, default=10000, help="minicode corpora: number of tasks")
 parser.add_argument("--field", default="content", help="hf: text field")
 parser.add_argument("--out", default="runs/mstep", help="output directory")
@@ -45,7 +46,9 @@ parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weigh
 parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
 parser.add_argument("--mask-latents", action="store_true", help="no loss on latent comment tokens")
 parser.add_argument("--mask-prompt", action="store_true", help="no loss on prompt tokens")
-parser.add_argument("--eval-share", type=float, default=0.02, help="share of traces held out for the eval loss")
+parser.add_argument("--eval-share", type=float, default=0.02,
+                    help="share held out for the eval loss, by file (a minicode trace is its own file); on real code "
+                         "0.05 holds out the files estep.py measures on")
 parser.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps")
 parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
 # --resume --overwrite --fsdp --seed --cpu-bf16 --wandb, alike in every trainer (flags.py)
