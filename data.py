@@ -332,9 +332,9 @@ HELD_OUT_SHARE = 0.05  # of the files of a real-code corpus: estep.py's held-out
 
 
 def held_out_files(traces, n, share=HELD_OUT_SHARE):
-    """(kept, held): the traces of the held-out share of the files, and of the rest; a corpus too small for
-    that share to hold n traces (or where it would hold over a quarter) holds its lowest-ranked files, whole,
-    until n. Either way the files held are those that `held_out` holds first, so every stage that holds out
+    """(kept, held): the traces of the other files, and those of the held-out share of the files; a corpus too
+    small for that share to hold n traces (or where it would hold over a quarter) holds its lowest-ranked
+    files, whole, until n. Either way the files held are those that `held_out` holds first, so every stage that holds out
     at least this share holds out these files too."""
     held = {trace_file(t.id) for t in traces if held_out(t.id, share)}
     count = sum(trace_file(t.id) in held for t in traces)
