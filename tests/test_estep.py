@@ -442,7 +442,8 @@ def test_two_ranks_shard_the_traces(toy, tmp_path):
     torchrun(ROOT / "estep.py", ["--model", toy / "base" / "model", "--data", toy / "expert.jsonl", "--steps", "3", "--batch-traces", "8",
               "--group", "4", "--annotate-limit", "10", "--out", tmp_path])
     rows = [json.loads(x) for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in rows) == sorted(f"e{i}" for i in range(10))
+    kept = D.held_out_files(D.read_traces(toy / "expert.jsonl")[0], 64)[0]  # held-out traces get no latents
+    assert sorted(r["id"] for r in rows) == sorted(t.id for t in kept[:10])
     assert len(updates(tmp_path)) == 3
 
 
