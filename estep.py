@@ -69,8 +69,8 @@ parser.add_argument("--max-latent", type=int, default=32, help="longest comment,
 parser.add_argument("--max-lines", type=int, default=64, help="skip traces with more line actions than this")
 parser.add_argument("--temperature", type=float, default=1.0, help="q's sampling temperature")
 parser.add_argument("--explore", type=float, default=0.0,
-                    help="force a comment at this share of the lines q would not comment (importance-weighted: the "
-                         "decision's gradient stays q's); for a q that rarely comments, as on real code")
+                    help="force a comment before this share of the lines, at random, else q decides (importance-"
+                         "weighted: the decision's gradient stays q's); for a q that rarely comments, as on real code")
 parser.add_argument("--lr", type=float, default=1e-4, help="q's learning rate")
 parser.add_argument("--epochs", type=int, default=1, help="passes over each batch (PPO clipping matters when > 1)")
 parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip (acts only with --epochs > 1: "
