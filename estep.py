@@ -69,8 +69,9 @@ parser.add_argument("--max-latent", type=int, default=32, help="longest comment,
 parser.add_argument("--max-lines", type=int, default=64, help="skip traces with more line actions than this")
 parser.add_argument("--temperature", type=float, default=1.0, help="q's sampling temperature")
 parser.add_argument("--explore", type=float, default=0.0,
-                    help="force a comment before this share of the lines, at random, else q decides (importance-"
-                         "weighted: the decision's gradient stays q's); for a q that rarely comments, as on real code")
+                    help="probe this share of the lines (the same in a trace's G rollouts): there half the rollouts "
+                         "are made to comment, so q's comments meet each other and no comment (importance-weighted: "
+                         "the decision's gradient stays q's); for a q that rarely comments, as on real code")
 parser.add_argument("--lr", type=float, default=1e-4, help="q's learning rate")
 parser.add_argument("--epochs", type=int, default=1, help="passes over each batch (PPO clipping matters when > 1)")
 parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip (acts only with --epochs > 1: "
@@ -248,17 +249,21 @@ class Rollout:
     ids: list = dataclasses.field(default_factory=list)     # every token fed after the prompt
     roles: list = dataclasses.field(default_factory=list)   # role of each (PROMPT..CODE)
     lines: list = dataclasses.field(default_factory=list)   # action index of each
-    events: list = dataclasses.field(default_factory=list)  # (kind, position, target, action, sampled log q)
+    events: list = dataclasses.field(default_factory=list)  # (kind, position, target, action, log q, log b)
     latents: list = None                                    # per action: comment text or None
     cut: list = None                                        # per action: comment stopped at L tokens
+    force: list = None                                      # per action: how its decision is drawn (_sample)
 
 
 LOOKAHEAD = 4  # lines a row speculates past its next decision (see _rollout_chunk; LOG.md 2026-12-01)
 
 
 def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_rows=512, explore=0.0):
-    """G rollouts of every plan; returns rollouts in plan-major order (row i * G + j). explore > 0 draws the
-    decisions from the behaviour policy b (see _sample) instead of q."""
+    """G rollouts of every plan; returns rollouts in plan-major order (row i * G + j). explore: how each
+    decision is drawn (_sample): a number for every decision, or one list per plan of one number per action,
+    for all G of its rollouts (probe_lines)."""
+    if not isinstance(explore, (list, tuple)):
+        explore = [[explore] * len(p.actions) for p in plans]
     out = []
     longest = max(p.max_len(max_latent, units.newline) for p in plans)
     per_chunk = max(1, min(max_rows, M.kv_rows_that_fit(q, -(-longest // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET))
@@ -266,7 +271,7 @@ def rollout(q, units, sets, plans, group, max_latent, temperature, seed, max_row
     gen = torch.Generator(device=next(q.parameters()).device).manual_seed(seed)
     for start in range(0, len(plans), per_chunk):
         out += _rollout_chunk(q, units, sets, plans[start:start + per_chunk], group, max_latent, temperature, gen,
-                              explore)
+                              explore[start:start + per_chunk])
     return out
 
 
@@ -280,7 +285,8 @@ def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen, e
     the row speculates again. A row takes about 1 + sum over its comments of (length + 1) forwards (plus
     one per LOOKAHEAD lines without a comment), not one a token. LOOKAHEAD bounds the tokens fed in vain
     after a <think>: on CPU, where a forward costs its tokens, 3-4 lines beat the whole trace (LOG.md)."""
-    rows = [Rollout(p, latents=[None] * len(p.actions), cut=[False] * len(p.actions)) for p in plans for _ in range(group)]
+    rows = [Rollout(p, latents=[None] * len(p.actions), cut=[False] * len(p.actions), force=list(f))
+            for p, f in zip(plans, explore) for _ in range(group)]
     max_len = max(p.max_len(max_latent, units.newline) for p in plans)
     dec = M.Decoder(q, len(rows), -(-max_len // M.Decoder.T_BUCKET) * M.Decoder.T_BUCKET)
     walkers = [_walk(r, units, sets, max_latent) for r in rows]
@@ -300,13 +306,14 @@ def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen, e
             spans = [requests[i][1] for i in fed]
             ends = np.cumsum([len(x) for x in spans])
             # logits wanted: before each decision (j >= 1: after span token j - 1; j = 0: the carry), and the last
-            at, where, masks, owner = [], [], [], []
+            at, where, masks, forces, owner = [], [], [], [], []
             for k, i in enumerate(fed):
-                for j, mask in requests[i][2]:
+                for j, mask, force in requests[i][2]:
                     where.append(len(fed) + len(at) if j else k)  # into cat(carry of fed rows, logits at `at`)
                     if j:
                         at.append(ends[k] - len(spans[k]) + j - 1)
                     masks.append(mask)
+                    forces.append(force)
                     owner.append(k)
             old = carry[fed]
             logits = dec.feed(fed, spans, list(ends - 1) + at)
@@ -314,18 +321,19 @@ def _rollout_chunk(q, units, sets, plans, group, max_latent, temperature, gen, e
             picks = [[] for _ in fed]
             if where:
                 pool = torch.cat([old, logits[len(fed):]])
-                for k, ans in zip(owner, _sample(pool[where], masks, sets, temperature, gen, explore)):
+                for k, ans in zip(owner, _sample(pool[where], masks, sets, temperature, gen, forces)):
                     picks[k].append(ans)
             for k, i in enumerate(fed):
                 requests[i] = _next(walkers[i], dec, i, picks[k])
     return rows
 
 
-def _sample(logits, masks, sets, temperature, gen, explore=0.0):
+def _sample(logits, masks, sets, temperature, gen, explore=None):
     """Per row of logits: (sampled token, its log q, log q(think set `masks[k]`), log q(drop_end set),
-    log b(think set)). Decisions (masks given) with explore = e > 0 come from the behaviour policy
-    b = e * (q given <think>) + (1 - e) * q: a forced thought with probability e, else q's own choice, so
-    b(think) = e + (1 - e) q(think), and a think token x has b(x) = q(x) b(think) / q(think)."""
+    log b(think set)). A decision (masks given) is drawn from the behaviour policy b set by its explore
+    value e: e in [0, 1] is b = e * (q given <think>) + (1 - e) * q, a forced thought with probability e,
+    else q's own choice, so b(think) = e + (1 - e) q(think) and a think token x has b(x) = q(x) b(think) /
+    q(think) (e = 0: b = q); e = -1 forces <act> (b(think) = 0: an instrument's rollout, never trained on)."""
     mask_ids = torch.tensor(masks if masks is not None else [0] * len(logits), device=logits.device)
     think_set = sets.masks[mask_ids]
     scaled = logits / temperature
@@ -333,10 +341,13 @@ def _sample(logits, masks, sets, temperature, gen, explore=0.0):
     in_think = torch.logsumexp(scaled.masked_fill(~think_set, float("-inf")), dim=-1) - lse
     in_newline = torch.logsumexp(scaled.masked_fill(~sets.drop_end, float("-inf")), dim=-1) - lse
     b_think = in_think
-    if masks is not None and explore > 0:
-        forced = torch.rand(len(logits), generator=gen, device=logits.device) < explore
-        logits = torch.where(forced[:, None], logits.masked_fill(~think_set, float("-inf")), logits)
-        b_think = torch.log(explore + (1 - explore) * in_think.exp())
+    if masks is not None and any(e != 0 for e in explore):
+        e = torch.tensor(explore, dtype=torch.float32, device=logits.device)
+        draw = torch.rand(len(logits), generator=gen, device=logits.device)
+        think, act = (e > 0) & (draw < e), e < 0
+        logits = torch.where(think[:, None], logits.masked_fill(~think_set, float("-inf")),
+                             torch.where(act[:, None], logits.masked_fill(think_set, float("-inf")), logits))
+        b_think = torch.where(act, float("-inf"), torch.log(e.clamp(min=0) + (1 - e.clamp(min=0)) * in_think.exp()))
     tokens, _ = M.pick_tokens(logits, temperature, 1.0, gen)
     logq = scaled.gather(1, tokens[:, None])[:, 0] - lse  # under q, whichever policy drew it
     cols = (x.cpu().numpy() for x in (tokens, logq, in_think, in_newline, b_think))
@@ -354,8 +365,8 @@ def _next(walker, dec, i, answer):
 
 def _walk(row, units, sets, max_latent):
     """One rollout as a coroutine. Yields ("feed", tokens, decisions) to feed a span, where decisions are
-    (j, think mask) for the line starts in it, decided by the logits after span token j - 1 (j = 0: after
-    the row's last token); receives one (sampled token, log q, log q(think set), log q(drop_end set),
+    (j, think mask, explore value: _sample) for the line starts in it, decided by the logits after span token
+    j - 1 (j = 0: after the row's last token); receives one (sampled token, log q, log q(think set), log q(drop_end set),
     log b(think set)) per decision. Yields ("rewind", n) to drop the last n tokens fed, ("sample", None) for a
     comment token. Each event records its log q and its log b: the behaviour policy's probability of it,
     which differs from q's only at a decision drawn with --explore (comment tokens are q's own draws)."""
@@ -381,7 +392,8 @@ def _walk(row, units, sets, max_latent):
             span += [(x, CODE, u) for x in a.rest]
         if end == len(plan.actions):
             span += [(x, CODE, len(plan.actions) - 1) for x in plan.suffix]
-        answers = yield ("feed", [x[0] for x in span], [(j, plan.actions[u].think_mask) for j, u in decisions])
+        answers = yield ("feed", [x[0] for x in span], [(j, plan.actions[u].think_mask, row.force[u])
+                                                         for j, u in decisions])
         kept, think = 0, None
         for (j, u), (token, logq, log_think, _, log_b_think) in zip(decisions, answers):
             for x in span[kept:j]:
@@ -446,7 +458,8 @@ def forced_rollout(units, sets, plan, latents):
         if tokens[:len(a.prefix)] != a.prefix or not comment or not sets.rows[a.think_mask][comment[0]]:
             raise D.DataError(f"{plan.trace.id}: the comment {z!r} does not begin where a comment can")
         answers += comment if sets.keep_end[comment[-1]] else comment + units.newline[-1:]
-    row = Rollout(plan, latents=[None] * len(plan.actions), cut=[False] * len(plan.actions))
+    row = Rollout(plan, latents=[None] * len(plan.actions), cut=[False] * len(plan.actions),
+                  force=[0.0] * len(plan.actions))
     walk, script = _walk(row, units, sets, max_latent=10 ** 9), iter(answers)
     request = next(walk)
     while request[0] != "done":
@@ -454,7 +467,7 @@ def forced_rollout(units, sets, plan, latents):
             request = walk.send((next(script), 0.0, 0.0, 0.0, 0.0))
         elif request[0] == "feed":
             said = []  # the script's decisions up to its first <think>; the walk reads no further
-            for _, mask in request[2]:
+            for _, mask, _ in request[2]:
                 said.append((next(script), 0.0, 0.0, 0.0, 0.0))
                 if sets.rows[mask][said[-1][0]]:
                     break
@@ -640,6 +653,15 @@ def update(net, pi_events, optimizer, rolls, adv, args, world, device):
     return n_events, extra
 
 
+def probe_lines(plans, share, rng):
+    """--explore: each line of a trace is probed with probability `share`, the same lines in all G of its
+    rollouts; at a probed line each rollout is made to comment with probability 1/2 (_sample's explore
+    value). So a probed line's group holds about G/2 of q's comments and G/2 of q's own choices: the comments
+    are compared with each other and with no comment at the same state, as RLP compares thoughts forced at
+    sampled positions against a no-think baseline (arXiv 2510.01265)."""
+    return [[0.5 if x else 0.0 for x in rng.random(len(p.actions)) < share] for p in plans]
+
+
 def group_advantages(rollouts, r, group, args):
     """Per rollout, the advantage of each of its steps; and how many (trace, step) groups had no spread."""
     adv, flat = [], 0
@@ -653,7 +675,8 @@ def group_advantages(rollouts, r, group, args):
 
 def step_stats(rollouts, r, adv, flat, n_groups):
     """The batch's numbers. think_advantage: the mean advantage of a line after a comment, its return against
-    the group's at that line (mostly no comment): what a comment bought over H lines, less c, on average."""
+    the group's at that line (mostly no comment): what a comment bought over H lines, less c, on average;
+    think_pays: the share of comments whose advantage is positive."""
     thinks = [z is not None for ro in rollouts for z in ro.latents]
     gains = [a[t] for ro, a in zip(rollouts, adv) for t, z in enumerate(ro.latents) if z is not None]
     lengths = [sum(1 for role, line in zip(ro.roles, ro.lines) if role == COMMENT and line == t)
@@ -662,7 +685,8 @@ def step_stats(rollouts, r, adv, flat, n_groups):
     return dict(reward=float(np.mean(np.concatenate(r))), elbo=float(np.mean([x.sum() for x in r])),
                 think_rate=float(np.mean(thinks)), latent_len=float(np.mean(lengths)) if lengths else 0.0,
                 cut_share=float(np.mean(cuts)) if cuts else 0.0, zero_spread=flat / max(n_groups, 1),
-                think_advantage=float(np.mean(gains)) if gains else 0.0)
+                think_advantage=float(np.mean(gains)) if gains else 0.0,
+                think_pays=float(np.mean(np.array(gains) > 0)) if gains else 0.0)
 
 
 def annotate(q, pi, units, sets, plans, args):
@@ -804,23 +828,33 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
       think_at_starts, think_elsewhere   q's think rate where the true plan comments (minicode: where a step
                             starts) and elsewhere
       at_plan               the share of q's comments placed where the true plan comments too
+      code_ll_q_at_plan     the code's log-likelihood when q writes a comment exactly where the true plan
+                            does and nowhere else: what q's words are worth, apart from where it puts them
       plan_rate, plan_per_trace   the true plan's comments per line and per trace (what _plan - _none buys)
       named_step, named_param, wrong_step, unnamed   shares of q's comments that name the step that
                             follows, name its parameter too, name another step, name none (minicode)
     The true plan is minicode's plan comments or, on stripped real code, the expert's own comments. Sums are
-    reduced over ranks (each rank takes every world-th trace)."""
+    reduced over ranks (each rank takes every world-th trace). Also returns the comments of this rank's share,
+    one record per line where q or the true plan comments (`comment_records`)."""
     plans, truth, tasks = _my_share(plans), _my_share(truth), _my_share(tasks)
-    rolls = rollout(q, units, sets, plans, 1, args.max_latent, args.temperature, seed=4242)
+    # --micro-rows rollouts at a time: a chunk's cost grows faster than its rows (its rows wait for its longest
+    # comment, and every step attends over the chunk's whole cache)
+    rolls = rollout(q, units, sets, plans, 1, args.max_latent, args.temperature, seed=4242, max_rows=args.micro_rows)
     r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
     think = [np.array([z is not None for z in ro.latents]) for ro in rolls]
     sums = dict(traces=len(plans), lines=sum(len(x) for x in think), thinks=sum(x.sum() for x in think),
                 elbo=sum(x.sum() for x in r), code_ll_q=sum((x + args.penalty * z).sum() for x, z in zip(r, think)),
                 **reference)
+    at_plan = [[None] * len(p.actions) for p in plans]
     if truth is not None:
         starts = [np.array([z is not None for z in zs], dtype=bool) for zs in truth]
         sums["starts"] = sum(x.sum() for x in starts)
         sums["thinks_at_starts"] = sum((x & y).sum() for x, y in zip(think, starts))
         sums["thinks_elsewhere"] = sum((x & ~y).sum() for x, y in zip(think, starts))
+        forced = rollout(q, units, sets, plans, 1, args.max_latent, args.temperature, seed=4243,
+                         max_rows=args.micro_rows, explore=[[1.0 if x else -1.0 for x in y] for y in starts])
+        sums["code_ll_q_at_plan"] = sum(x.sum() for x in rewards(pi, sets, forced, 0.0, args.micro_rows))
+        at_plan = [ro.latents for ro in forced]
     if tasks is not None:
         sums.update(comment_naming([ro.latents for ro in rolls], tasks))
     sums = {k: M.all_reduce_sum(float(v)) for k, v in sums.items()}
@@ -828,6 +862,7 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
                code_ll_q=sums["code_ll_q"] / sums["traces"], code_ll_none=sums["code_ll_none"] / sums["traces"])
     if truth is not None:  # a share is None where it has nothing to count
         out.update(code_ll_plan=sums["code_ll_plan"] / sums["traces"],
+                   code_ll_q_at_plan=sums["code_ll_q_at_plan"] / sums["traces"],
                    think_at_starts=sums["thinks_at_starts"] / sums["starts"] if sums["starts"] else None,
                    think_elsewhere=sums["thinks_elsewhere"] / (sums["lines"] - sums["starts"]),
                    at_plan=sums["thinks_at_starts"] / sums["thinks"] if sums["thinks"] else None,
@@ -836,7 +871,21 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
         comments = sums["comments"]
         out.update({k: sums[k] / comments if comments else None
                     for k in ("named_step", "named_param", "wrong_step", "unnamed")})
-    return {f"heldout_{k}": v for k, v in out.items()}
+    records = comment_records(plans, [ro.latents for ro in rolls], at_plan, truth)
+    return {f"heldout_{k}": v for k, v in out.items()}, records
+
+
+def comment_records(plans, latents, at_plan, truth):
+    """One record per held-out line where q comments, or the true plan does: the line, q's comment (None: q
+    did not comment), q's comment when made to comment there (None: not a true-plan line) and the true one."""
+    out = []
+    for p, zs, forced, true in zip(plans, latents, at_plan, truth or [None] * len(plans)):
+        for t, a in enumerate(p.trace.actions):
+            expert = true[t] if true is not None else None
+            if zs[t] is not None or expert is not None:
+                out.append(dict(trace=p.trace.id, line=t, code=D.action_parts(a)[1].rstrip("\n"), q=zs[t],
+                                q_at_plan=forced[t], expert=expert))
+    return out
 
 
 def make_plans(units, sets, traces, max_lines):
@@ -858,8 +907,8 @@ def main(args):
                                               max_latent=1, max_lines=1, epochs=1, clip=0, kl=0, micro_rows=1,
                                               annotate_limit=1, eval_traces=0, eval_every=1, save_every=1, explore=0),
                   above=dict(temperature=0, annotate_temperature=0, lr=0))
-    if args.explore >= 1:
-        parser.error(f"--explore must be below 1 (a share of the lines), not {args.explore}")
+    if args.explore > 1:
+        parser.error(f"--explore must be at most 1 (a share of the lines), not {args.explore}")
     M.check_wandb(parser, args)
     dist = M.init_dist()
     M.CPU_BF16 = args.cpu_bf16
@@ -911,24 +960,31 @@ def main(args):
 
     reference = reference_scores(pi, units, sets, held, held_truth, args) if held else {}
 
-    def measure():
+    def measure(step):
         q.eval()
-        m = instruments(sampler, pi, units, sets, held, held_truth, held_tasks, reference, args) if held else {}
+        m, records = instruments(sampler, pi, units, sets, held, held_truth, held_tasks, reference, args)
         q.train()
+        if M.is_main():  # what q wrote: rank 0's share of the held-out traces
+            with open(out_dir / "comments.jsonl", "a") as f:
+                f.writelines(json.dumps(dict(step=step, **x)) + "\n" for x in records)
         return m
 
     if start == 0 and held:
-        log(dict(step=0, **measure()))
+        if M.is_main():
+            (out_dir / "comments.jsonl").unlink(missing_ok=True)
+        log(dict(step=0, **measure(0)))
     order = np.random.default_rng(args.seed).permutation(len(plans))
     from tqdm.auto import tqdm
     last, interrupt = {}, M.StopOnInterrupt()
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not M.is_main(), desc="estep"):
         picks = [order[(step * args.batch_traces + k) % len(plans)] for k in range(args.batch_traces)]
-        batch = [plans[i] for i in picks[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
+        ours = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        batch = [plans[i] for i in picks[ours]]
+        probes = probe_lines([plans[i] for i in picks], args.explore, np.random.default_rng([args.seed, step]))[ours]
         t0 = time.perf_counter()
         q.eval()
         rolls = rollout(sampler, units, sets, batch, args.group, args.max_latent, args.temperature, args.seed * 100003 + step,
-                        explore=args.explore)
+                        explore=probes)
         q.train()
         t1 = time.perf_counter()
         r = rewards(pi, sets, rolls, args.penalty, args.micro_rows)
@@ -946,7 +1002,7 @@ def main(args):
                     lines_per_s=M.all_reduce_sum(float(n_groups * args.group)) / (t2 - t0),
                     tokens_per_s=tokens / (t2 - t0))
         if held and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            last.update(measure())
+            last.update(measure(step + 1))
         _warn(last)
         log(last)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
@@ -961,6 +1017,13 @@ def main(args):
     latents = annotate(sampler, pi, units, sets, mine, args)
     annotate_s = M.all_reduce_sum(time.perf_counter() - t0) / dist.world
     D.write_traces(out_dir / f"traces.rank{dist.rank}.jsonl", [p.trace for p in mine], latents)
+    if truth is not None:  # real code: the same traces with none of the expert's comments and with all of them,
+        parts = ("traces", "stripped", "oracle")  # so that NTP, the oracle and RA3 train on the same code
+        D.write_traces(out_dir / f"stripped.rank{dist.rank}.jsonl", [p.trace for p in mine])
+        D.write_traces(out_dir / f"oracle.rank{dist.rank}.jsonl", [p.trace for p in mine],
+                       [truth[p.trace.id] for p in mine])
+    else:
+        parts = ("traces",)
     ann = annotation_stats(mine, latents, args)
     M.barrier()
     curve = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()] if M.is_main() else []
@@ -972,20 +1035,21 @@ def main(args):
     M.save_training(out_dir / "checkpoint", net, q, tok, optimizer, "estep", args.steps, args, summary)
     M.save_training(out_dir / "q", net, q, tok, optimizer, "estep", args.steps, args, summary, with_trainer=False)
     if M.is_main():
-        _merge_parts(out_dir, dist.world)
+        for name in parts:
+            _merge_parts(out_dir, name, dist.world)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     M.print0(json.dumps(summary))
     log.close()
     return summary
 
 
-def _merge_parts(out_dir, world):
-    with open(out_dir / "traces.jsonl.tmp", "w") as f:
+def _merge_parts(out_dir, name, world):
+    with open(out_dir / f"{name}.jsonl.tmp", "w") as f:
         for rank in range(world):
-            part = out_dir / f"traces.rank{rank}.jsonl"
+            part = out_dir / f"{name}.rank{rank}.jsonl"
             f.write(part.read_text())
             part.unlink()
-    (out_dir / "traces.jsonl.tmp").replace(out_dir / "traces.jsonl")
+    (out_dir / f"{name}.jsonl.tmp").replace(out_dir / f"{name}.jsonl")
 
 
 def _warn(s):

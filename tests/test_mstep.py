@@ -51,6 +51,16 @@ def test_loss_decreases_and_outputs_are_written(tmp_path, precision, monkeypatch
     assert M.generate(mdl, tok, ["def f(nums):\n"], max_new_tokens=4, temperature=0).lengths[0] > 0
 
 
+def test_epochs_train_one_pass_over_the_rows(tmp_path):
+    args = mstep.parser.parse_args(TINY + ["--epochs", "1", "--eval-share", "0", "--out", str(tmp_path)])
+    summary = mstep.main(args)
+    traces, latents = minicode.load_traces("minicode-pretrain", n_tasks=300)
+    tok = M.load_model(str(tmp_path / "model"), device="cpu")[1]
+    rows = D.pack([ids for ids, _, _ in D.encode_traces(tok, traces, latents)], 256)
+    assert summary["steps"] == round(len(rows.input_ids) / (4096 // 256))  # --steps' default (100) is not used
+    assert abs(summary["tokens"] - int((rows.doc_ids >= 0).sum())) < 4096  # each row about once
+
+
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_one_rank_equals_two_ranks(tmp_path, sharding):
     one, two = tmp_path / "one", tmp_path / "two"

@@ -3,6 +3,7 @@ stages' checks of their flags."""
 import importlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import data as D
 import model as M
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +53,59 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     assert p.returncode == 2 and f"{seed / 'ra3/e1'} holds a finished run of something else" in p.stderr
     assert "--penalty 0.05" in p.stderr and "--penalty 0.2" in p.stderr
     assert p.stdout.count("done already") == 2  # NTP and the oracle do not depend on c
+
+
+def real_code(root, n_files=40, seed=0):
+    """A directory of small modules whose functions carry full-line comments, as real code does (the idea of
+    tests/test_estep.py's real_code); 40 files, so that the held-out 5% of files holds some."""
+    ops = ["x * 2", "x + 1", "x - 3", "x * 5", "x + 7", "x // 2", "x % 3", "x - 1"]
+    rng = random.Random(seed)
+    root.mkdir()
+    for i in range(n_files):
+        (root / f"m{i}.py").write_text("".join(
+            f"def f{j}(x):\n    # {rng.choice(['scale it', 'shift it', 'keep it'])}\n    y = {rng.choice(ops)}\n"
+            f"    if y > {j}:\n        # clamp\n        y = {j}\n    return y\n\n" for j in range(3)))
+    return root
+
+
+def test_run_sh_real_code_end_to_end(tmp_path):
+    """run.sh on a directory of real code: one E-step on the code without its comments, NTP / oracle / RA3
+    M-steps from the base on the same traces, each model's CE and ELBO on the held-out files, the real-code
+    table; no eval without --bench, no RLVR; a rerun skips every stage."""
+    data = real_code(tmp_path / "code")
+    traces = D.load_traces(str(data))[0]
+    assert any(D.held_out(t.id, D.HELD_OUT_SHARE) for t in traces)  # the CE stage has files to score
+    out = tmp_path / "real"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    run = lambda: subprocess.run(["bash", str(ROOT / "run.sh"), "--tiny", "--model", "tiny-llama", "--data", str(data),
+                                  "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    seed = out / "seed0"
+    # the three M-steps read one epoch of the same traces, the E-step's, none from a held-out file
+    ids = {name: [json.loads(x)["id"] for x in (seed / f"ra3/e1/{name}.jsonl").read_text().splitlines()]
+           for name in ("traces", "stripped", "oracle")}
+    assert ids["traces"] == ids["stripped"] == ids["oracle"] and len(ids["traces"]) == 16
+    assert not any(D.held_out(i, D.HELD_OUT_SHARE) for i in ids["traces"])
+    for name, corpus in (("ntp", "stripped"), ("oracle", "oracle"), ("ra3/m1", "traces")):
+        trained = M.read_meta(seed / name / "model")["args"]
+        assert trained["data"] == str(seed / f"ra3/e1/{corpus}.jsonl") and trained["model"] == "tiny-llama"
+        assert trained["epochs"] == 1 and trained["eval_share"] == 0
+    assert "--data stripped:" in (seed / "ra3/e1/stage.cmd").read_text()
+    assert not list(seed.glob("eval-*")) and not list(seed.glob("rl-*"))
+    ce = {n: json.loads((seed / f"ce-{n}/summary.json").read_text())["eval_loss"] for n in ("base", "ntp")}
+    assert ce["base"] != ce["ntp"]  # each model's own
+    text = (out / "results.md").read_text()
+    assert text.startswith("Settings: run.sh tiny, real code") and "pass@1" not in text
+    rows = {x.split(" | ")[1]: x.strip("| ").split(" | ")[2:] for x in text.splitlines() if x.startswith("| seed0 | ")}
+    for name in ("base", "ntp", "oracle", "ra3"):
+        assert len(rows[name]) == 6 and all(float(v) == float(v) for v in rows[name]), rows[name]  # numbers, no "-"
+    assert "code LL, q's words at the expert's places" in text and (out / "estep.png").exists()
+    # a rerun finds every stage done
+    p = run()
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("done already") == 12  # the E-step, 3 M-steps, 4 models x (CE, ELBO)
 
 
 def fake_run(out):
@@ -161,7 +216,9 @@ def test_worlds_report_splits_the_oracle_by_its_plan(tmp_path):
 
 def test_run_sh_checks_its_numbers():
     for flags, message in ((["--k", "0"], "--k must be an integer >= 1"), (["--seeds", "0"], "--seeds must be"),
-                           (["--penalty", "-1"], "--penalty must be a number"), (["--eval-n", "x"], "--eval-n must be")):
+                           (["--penalty", "-1"], "--penalty must be a number"), (["--eval-n", "x"], "--eval-n must be"),
+                           (["--data", "stdlib", "--k", "2"], "real code runs one EM iteration (--k 1), not --k 2"),
+                           (["--data", "stdlib", "--explore", "x"], "--explore must be a number")):
         p = subprocess.run(["bash", str(ROOT / "run.sh"), "--tiny", *flags], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
@@ -194,7 +251,7 @@ def test_a_users_mistake_is_one_line(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     env.pop("RA3_DEBUG", None)
-    for model, says in (("tiny-foo", "the presets are minicode-base, smollm2, tiny-llama"),
+    for model, says in (("tiny-foo", "the presets are minicode-base, smollm2, qwen-coder, tiny-llama"),
                         (str(tmp_path / "broken"), f"could not load the weights in {tmp_path / 'broken'}")):
         p = subprocess.run([sys.executable, str(ROOT / "mstep.py"), "--model", model, "--steps", "1", "--out",
                             str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
