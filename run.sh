@@ -31,7 +31,7 @@
 #       --long                        # real code, torchrun all the way down
 # Flags: --model SPEC --data CORPUS --bench NAME --problems NAME --gpus N --k K --penalty C --mask-latents --seed S
 #        --seeds N --eval-n N (samples per task; 1 = greedy) --eval-limit N --rl-steps N --out DIR --fresh --long --tiny
-#        --cpu-bf16 --explore E (real code: the share of lines where the E-step makes q comment; 0.1)
+#        --cpu-bf16 --explore E (real code: the share of lines the E-step probes with comments; 0.2)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -63,7 +63,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 REAL=; [[ "$DATA" == minicode-* ]] || REAL=1  # real code: the expert's full-line comments are its true plan
-if [ -n "$REAL" ]; then K=${K:-1} EXPLORE=${EXPLORE:-0.1}  # and pass@k only if --bench names a benchmark
+if [ -n "$REAL" ]; then K=${K:-1} EXPLORE=${EXPLORE:-0.2}  # and pass@k only if --bench names a benchmark
 else K=${K:-2} BENCH=${BENCH:-minicode-heldout}
 fi
 
@@ -82,7 +82,7 @@ esac
 if [ -n "$REAL" ]; then
   case $SIZE in
     tiny)    BATCH=2048  ESTEPS=1  EB=2  EG=2 ELINES=16 EMICRO=8  EHELD=4   EEVERY=1  ANN=16 ;;
-    default) BATCH=8192  ESTEPS=20 EB=8  EG=4 ELINES=24 EMICRO=32 EHELD=64  EEVERY=5  ANN=256 ;;
+    default) BATCH=8192  ESTEPS=30 EB=8  EG=4 ELINES=24 EMICRO=32 EHELD=64  EEVERY=5  ANN=256 ;;
     long)    BATCH=16384 ESTEPS=60 EB=16 EG=8 ELINES=32 EMICRO=32 EHELD=128 EEVERY=10 ANN=4096 ;;
   esac
 fi
