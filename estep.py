@@ -35,7 +35,7 @@ teacher forcing, `_rollout_chunk`): every decision is still drawn from q's exact
 and training passes compute each trace's prompt once for its G rollouts (`prompt_layout`).
 
     python estep.py                                  # minicode-base on minicode mid-training traces
-    python estep.py --model smollm2 --data stripped:stdlib --cpu-bf16 --explore 0.1   # real code, its comments as truth
+    python estep.py --model smollm2 --data stripped:stdlib --cpu-bf16 --explore 0.2   # real code, its comments as truth
     python estep.py --q runs/estep/q --steps 0 --annotate gain   # annotate again with a trained q
     torchrun --nproc_per_node=8 estep.py --model runs/ntp/model --data stdlib --batch-traces 64 --group 8
 

@@ -609,7 +609,13 @@ class Decoder:
         # torch.compile fuses the many small kernels of a decode step (2x on SmolLM2-135M, see LOG.md) but
         # compiles for about a minute first: worth it for long RL runs, not for a quick eval
         self.compiled = compile
-        self.forward_step = torch.compile(self._forward_step) if compile else self._forward_step
+        # the function, not a bound method: one stored on self is a reference cycle, and the Decoder with its
+        # KV cache (gigabytes) would wait for the cyclic garbage collector after each use, a rollout after
+        # another (the E-step on SmolLM2 grew 1 GB an update until killed)
+        self._step = torch.compile(Decoder._forward_step) if compile else Decoder._forward_step
+
+    def forward_step(self):
+        return self._step(self)
 
     @torch.inference_mode()
     def prefill(self, prompts, fanout=1):

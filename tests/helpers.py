@@ -1,5 +1,7 @@
-"""Test helpers: tiny models and a GGUF writer, all made here, nothing downloaded; torchrun on the CPU."""
+"""Test helpers: tiny models and a GGUF writer, all made here, nothing downloaded; torchrun on the CPU; a
+directory of commented code."""
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -16,6 +18,19 @@ def tiny(preset, seed=0, **overrides):
     M.prepare_tokenizer(tok, mdl)
     M.use_ra3_attention(mdl)
     return mdl.eval(), tok
+
+
+def real_code(root, n_files, seed=0):
+    """A directory of small modules whose functions carry full-line comments, as real code does: 3 functions a
+    file, each of 4 lines with 2 comments."""
+    ops = ["x * 2", "x + 1", "x - 3", "x * 5", "x + 7", "x // 2", "x % 3", "x - 1"]
+    rng = random.Random(seed)
+    root.mkdir()
+    for i in range(n_files):
+        (root / f"m{i}.py").write_text("".join(
+            f"def f{j}(x):\n    # {rng.choice(['scale it', 'shift it', 'keep it'])}\n    y = {rng.choice(ops)}\n"
+            f"    if y > {j}:\n        # clamp\n        y = {j}\n    return y\n\n" for j in range(3)))
+    return root
 
 
 def logits_of(mdl, ids):

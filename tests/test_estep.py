@@ -16,7 +16,7 @@ import minicode
 import estep as E
 import model as M
 import mstep
-from helpers import tiny, torchrun
+from helpers import real_code, tiny, torchrun
 
 ROOT = Path(E.__file__).resolve().parent
 OPS = ["x * 2", "x + 1", "x - 3", "x * 5", "x + 7", "x // 2", "x % 3", "x - 1"]
@@ -533,17 +533,6 @@ def test_fsdp_run_and_resume_equal_ddp(toy, tmp_path):
 
 def metrics(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def real_code(root, n_files, seed):
-    """A directory of small modules whose functions carry comments, as real code does."""
-    rng = random.Random(seed)
-    root.mkdir()
-    for i in range(n_files):
-        (root / f"m{i}.py").write_text("".join(
-            f"def f{j}(x):\n    # {rng.choice(['scale it', 'shift it', 'keep it'])}\n    y = {rng.choice(OPS)}\n"
-            f"    if y > {j}:\n        # clamp\n        y = {j}\n    return y\n\n" for j in range(3)))
-    return root
 
 
 def test_real_code_holds_out_whole_files_and_measures_the_experts_comments(tmp_path):

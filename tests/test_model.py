@@ -1,9 +1,11 @@
 """model.py: loading, checkpoints, the sampler against transformers, the packed scorer, distributed helpers."""
 import functools
+import gc
 import os
 import re
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -411,6 +413,27 @@ def test_decoder_rewind_equals_a_fresh_run():
     with torch.no_grad():
         want = mdl(input_ids=torch.tensor([prompt + [a, c]])).logits[0, -1]
     assert torch.allclose(got[0], want, atol=1e-5)
+
+
+def test_a_decoder_and_its_cache_go_when_it_does():
+    """No reference cycle keeps a Decoder (and its KV cache, gigabytes on a real model) alive until the cyclic
+    garbage collector runs: a bound method stored on it did, and the E-step on SmolLM2 grew by a cache an
+    update until it was killed."""
+    mdl, tok = tiny("tiny-llama")
+    gc.disable()
+    try:
+        dec = M.Decoder(mdl, rows=2, max_len=128, cuda_graphs=False)
+        dec.prefill([tok.encode(PROMPTS[0]), tok.encode(PROMPTS[1])])
+        dec.step(torch.tensor([1, 2]), M.np.ones(2, bool))
+        gone = weakref.ref(dec.cache)
+        del dec
+        assert gone() is None
+        M.generate(mdl, tok, PROMPTS[:2], max_new_tokens=3, temperature=0)  # keeps its Decoder on the model
+        kept = weakref.ref(mdl._ra3_decoder)
+        M.release_decoder(mdl)
+        assert kept() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])

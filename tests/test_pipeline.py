@@ -3,7 +3,6 @@ stages' checks of their flags."""
 import importlib
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 import data as D
 import model as M
+from helpers import real_code
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,24 +55,11 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     assert p.stdout.count("done already") == 2  # NTP and the oracle do not depend on c
 
 
-def real_code(root, n_files=40, seed=0):
-    """A directory of small modules whose functions carry full-line comments, as real code does (the idea of
-    tests/test_estep.py's real_code); 40 files, so that the held-out 5% of files holds some."""
-    ops = ["x * 2", "x + 1", "x - 3", "x * 5", "x + 7", "x // 2", "x % 3", "x - 1"]
-    rng = random.Random(seed)
-    root.mkdir()
-    for i in range(n_files):
-        (root / f"m{i}.py").write_text("".join(
-            f"def f{j}(x):\n    # {rng.choice(['scale it', 'shift it', 'keep it'])}\n    y = {rng.choice(ops)}\n"
-            f"    if y > {j}:\n        # clamp\n        y = {j}\n    return y\n\n" for j in range(3)))
-    return root
-
-
 def test_run_sh_real_code_end_to_end(tmp_path):
     """run.sh on a directory of real code: one E-step on the code without its comments, NTP / oracle / RA3
     M-steps from the base on the same traces, each model's CE and ELBO on the held-out files, the real-code
     table; no eval without --bench, no RLVR; a rerun skips every stage."""
-    data = real_code(tmp_path / "code")
+    data = real_code(tmp_path / "code", 40)  # 40 files: the held-out 5% holds some
     traces = D.load_traces(str(data))[0]
     assert any(D.held_out(t.id, D.HELD_OUT_SHARE) for t in traces)  # the CE stage has files to score
     out = tmp_path / "real"
