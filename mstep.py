@@ -256,7 +256,8 @@ def main(args):
         parser.error(f"--eval-share must be in [0, 1) (1 only with --steps 0), not {args.eval_share}")
     dist_info = M.init_dist()
     M.CPU_BF16 = args.cpu_bf16
-    done = M.finished_run(args.out, args, "mstep", RESUME_KEYS)
+    # with --epochs the steps are known only once the rows are packed: look for a finished run then
+    done = M.finished_run(args.out, args, "mstep", RESUME_KEYS) if args.epochs is None else None
     if done is not None:
         return done
     device = dist_info.device
@@ -271,6 +272,9 @@ def main(args):
     rows_per_step = args.batch_tokens // args.seq_len
     if args.epochs is not None:
         args.steps = max(1, round(args.epochs * len(packed.input_ids) / rows_per_step))
+        done = M.finished_run(args.out, args, "mstep", RESUME_KEYS)
+        if done is not None:
+            return done
     if rows_per_step < dist_info.world or rows_per_step % dist_info.world:
         raise ValueError(f"--batch-tokens {args.batch_tokens} gives {rows_per_step} rows of {args.seq_len}, "
                          f"which {dist_info.world} ranks cannot share evenly")

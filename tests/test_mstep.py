@@ -59,6 +59,8 @@ def test_epochs_train_one_pass_over_the_rows(tmp_path):
     rows = D.pack([ids for ids, _, _ in D.encode_traces(tok, traces, latents)], 256)
     assert summary["steps"] == round(len(rows.input_ids) / (4096 // 256))  # --steps' default (100) is not used
     assert abs(summary["tokens"] - int((rows.doc_ids >= 0).sum())) < 4096  # each row about once
+    args = mstep.parser.parse_args(TINY + ["--epochs", "1", "--eval-share", "0", "--out", str(tmp_path), "--resume"])
+    assert mstep.main(args) == json.loads((tmp_path / "summary.json").read_text())  # finished: nothing to redo
 
 
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
