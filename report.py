@@ -30,8 +30,9 @@ with nothing to draw (no benchmark ran, no RLVR) is not written.
 With --worlds, the tables of a worlds.sh output instead, per world and dev split: NTP's and the oracle's
 pass@1 (mean ± sd over seeds) and oracle - NTP; the oracle's failures by where they first leave the true
 plan (minicode.Task.first_departure); whether the oracle fails at writing its plan or at using it (the
-share of its completions whose comments are all the true plan's, and pass@1 with and without that); and in
-an arith world, how many of the operations in its comments' working are right.
+share of its completions whose comments are all the true plan's, and pass@1 with and without that); in an
+arith or chain world, how many of the operations in its comments' working are right; and in a chain world,
+pass@1 by the number of operations in the task's chain (all seeds' samples pooled).
 """
 import argparse
 import collections
@@ -162,8 +163,11 @@ def comparison(seeds):
 # one (or one fixed for the run), "summary" what q wrote into the corpus
 ESTEP_COLUMNS = [("held-out ELBO", "heldout_elbo", "arrow"), ("held-out think rate", "heldout_think_rate", "arrow"),
                  ("comments naming the step", "heldout_named_step", "last"),
+                 ("think rate at chains", "heldout_think_at_chain", "arrow"),
+                 ("right value at chains", "heldout_chain_right", "arrow"),
                  ("annotated think rate", "annotated_think_rate", "summary"),
                  ("annotated wrong-step share", "annotated_wrong_step", "summary")]
+CHAIN_KEYS = ("heldout_think_at_chain", "heldout_chain_right")
 REAL_ESTEP_COLUMNS = [("held-out ELBO", "heldout_elbo", "arrow"), ("held-out think rate", "heldout_think_rate", "arrow"),
                       ("code LL, q's words at the expert's places", "heldout_code_ll_q_at_plan", "arrow"),
                       ("code LL, no comments", "heldout_code_ll_none", "last"),
@@ -173,16 +177,18 @@ REAL_ESTEP_COLUMNS = [("held-out ELBO", "heldout_elbo", "arrow"), ("held-out thi
 
 
 def estep_table(seeds, columns=ESTEP_COLUMNS):
-    """What each E-step learned on its held-out traces (first -> last measurement) and what it wrote."""
+    """What each E-step learned on its held-out traces (first -> last measurement) and what it wrote; a column
+    that no E-step measured (a chain world's, elsewhere) is left out."""
+    esteps = [(d, e, load(e)) for d in seeds for e in sorted((d / "ra3").glob("e*/"), key=lambda p: int(p.name[1:]))]
+    columns = [c for c in columns if c[1] not in CHAIN_KEYS
+               or any(c[1] in (s.get("heldout_curve") or [{}])[-1] for *_, s in esteps)]
     lines = ["| seed | EM iteration | " + " | ".join(c[0] for c in columns) + " |", "| --- " * (len(columns) + 2) + "|"]
-    for d in seeds:
-        for e in sorted((d / "ra3").glob("e*/"), key=lambda p: int(p.name[1:])):
-            s = load(e)
-            held = s.get("heldout_curve") or [{}]
-            first, last = held[0], held[-1]
-            cell = dict(arrow=lambda k: f"{fmt(first.get(k, NAN))} -> {fmt(last.get(k, NAN))}",
-                        last=lambda k: fmt(last.get(k, NAN)), summary=lambda k: fmt(s.get(k, NAN)))
-            lines.append(f"| {d.name} | {e.name[1:]} | " + " | ".join(cell[how](k) for _, k, how in columns) + " |")
+    for d, e, s in esteps:
+        held = s.get("heldout_curve") or [{}]
+        first, last = held[0], held[-1]
+        cell = dict(arrow=lambda k: f"{fmt(first.get(k, NAN))} -> {fmt(last.get(k, NAN))}",
+                    last=lambda k: fmt(last.get(k, NAN)), summary=lambda k: fmt(s.get(k, NAN)))
+        lines.append(f"| {d.name} | {e.name[1:]} | " + " | ".join(cell[how](k) for _, k, how in columns) + " |")
     return lines if len(lines) > 2 else []
 
 
@@ -331,12 +337,24 @@ def worlds_report(out, worlds):
         text.append(f"| {w} | {s} | {share(right)} | {share([p for p, r in zip(passed, right) if r])} | "
                     f"{share([p for p, r in zip(passed, right) if not r])} | "
                     f"{share([x['passed'] for x in runs[w, s, 'ntp'][1]])} |")
-    arith = [(w, s) for w, s in splits if minicode.WORLDS[w].arith]
+    arith = [(w, s) for w, s in splits if minicode.WORLDS[w].arith or minicode.WORLDS[w].chain]
     text += [""] if arith else []
     for w, s in arith:
         ops = [op for x in runs[w, s, "oracle"][1] for line in x["completion"].splitlines()
                if line.strip().startswith("#") for op in minicode.operations(line)]
         text.append(f"{w}, {s}: {sum(ok for *_, ok in ops)} of the {len(ops)} operations in the oracle's working are right")
+    # a chain world's reason to exist: one forward pass composes k operations, a working does one at a time
+    chain = [(w, s) for w, s in splits if minicode.WORLDS[w].chain]
+    text += ["", "| world | dev split | operations in the chain | tasks | NTP pass@1 | oracle pass@1 |",
+             "| --- | --- | --- | --- | --- | --- |"] if chain else []
+    for w, s in chain:
+        by_k = collections.defaultdict(lambda: {"ntp": [], "oracle": []})
+        for m in ("ntp", "oracle"):
+            for x in runs[w, s, m][1]:
+                by_k[tasks[w, s][x["task_id"]].n_ops()][m].append(x["passed"])
+        for k in sorted(by_k):
+            n = len({x["task_id"] for x in runs[w, s, "ntp"][1] if tasks[w, s][x["task_id"]].n_ops() == k})
+            text.append(f"| {w} | {s} | {k} | {n} | {share(by_k[k]['ntp'])} | {share(by_k[k]['oracle'])} |")
     return "\n".join(text) + "\n"
 
 

@@ -23,22 +23,25 @@
 # that finished exactly that, resumes one that was killed, and stops at one that finished something else
 # (other flags, other code, an input that changed) unless --fresh says to redo it.
 #
-#   bash run.sh                       # embedded default: minicode-base on minicode, ~7 min on a 2-core CPU
+#   bash run.sh                       # embedded default: minicode-chain-base on the chain world, ~10 min on 2 CPU cores
+#   bash run.sh --world plain         # the plain world, where no comment pays: minicode-base, ~7 min
 #   bash run.sh --seeds 3 --eval-n 10 --eval-limit 200 --rl-steps 30   # the experiment of LOG.md
 #   bash run.sh --long                # a longer, stronger run
 #   bash run.sh --model smollm2 --data stdlib --cpu-bf16   # real code: base, NTP, oracle, RA3 on CPython's stdlib
 #   bash run.sh --gpus 8 --model Qwen/Qwen2.5-1.5B --data hf:/data/code.jsonl --bench humaneval+ \
 #       --long                        # real code, torchrun all the way down
-# Flags: --model SPEC --data CORPUS --bench NAME --problems NAME --gpus N --k K --penalty C --mask-latents --seed S
+# Flags: --world W (minicode: chain (default), plain, ...; each sets the four below) --model SPEC --data CORPUS --bench NAME
+#        --problems NAME --gpus N --k K --penalty C --mask-latents --seed S
 #        --seeds N --eval-n N (samples per task; 1 = greedy) --eval-limit N --rl-steps N --out DIR --fresh --long --tiny
 #        --cpu-bf16 --explore E (real code: the share of lines the E-step probes with comments; 0.2)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODEL=minicode-base DATA=minicode-midtrain BENCH= PROBLEMS=minicode-train
+WORLD=chain MODEL= DATA= BENCH= PROBLEMS=
 GPUS=0 K= PENALTY=0.05 SEED=0 SEEDS=1 EVAL_N=1 EVAL_LIMIT= OUT= SIZE=default MASK= FRESH= RL_STEPS= BF16= EXPLORE=
 while [ $# -gt 0 ]; do
   case "$1" in
+    --world) WORLD=$2; shift 2 ;;   # a minicode world: its shipped base model, corpus, benchmark and problems
     --model) MODEL=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --bench) BENCH=$2; shift 2 ;;
@@ -58,13 +61,20 @@ while [ $# -gt 0 ]; do
     --cpu-bf16) BF16=--cpu-bf16; shift ;;   # the trainers in bf16 on a CPU that has it (about 2x faster)
     --long) SIZE=long; shift ;;
     --tiny) SIZE=tiny; shift ;;   # a smoke test of the wiring (CI), not an experiment
-    -h|--help) sed -n 2,34p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,36p "$0"; exit 0 ;;
     *) echo "run.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+case $WORLD in  # --model, --data, --bench and --problems override the world's own
+  plain|chain) W=${WORLD/#plain/}; W=${W:+$W-}; MODEL=${MODEL:-minicode-${W}base} ;;
+  echo|anon|echo+anon|skills|arith) W=$WORLD-
+    [ -n "$MODEL" ] || { echo "run.sh: no base model ships for the $WORLD world: pass --model (worlds.sh trains one)" >&2; exit 2; } ;;
+  *) echo "run.sh: --world is plain, chain, echo, anon, echo+anon, skills or arith, not '$WORLD'" >&2; exit 2 ;;
+esac
+DATA=${DATA:-minicode-${W}midtrain} PROBLEMS=${PROBLEMS:-minicode-${W}train}
 REAL=; [[ "$DATA" == minicode-* ]] || REAL=1  # real code: the expert's full-line comments are its true plan
 if [ -n "$REAL" ]; then K=${K:-1} EXPLORE=${EXPLORE:-0.2}  # and pass@k only if --bench names a benchmark
-else K=${K:-2} BENCH=${BENCH:-minicode-heldout}
+else K=${K:-2} BENCH=${BENCH:-minicode-${W}heldout}
 fi
 
 # Budgets. M-step steps are split over the K EM iterations, so RA3 trains on as many tokens as NTP.
@@ -110,6 +120,9 @@ else launch() { python "$@"; }
 fi
 stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 ORACLE=; [[ "$DATA" =~ ^minicode-(.*-)?midtrain$ ]] && ORACLE=1  # minicode knows every trace's true plan
+# The chain world's E-step: its workings run to 80 tokens (cut, they are no help), and at q's usual learning rate
+# RL noise wears the 1.25M model's arithmetic down within 10 updates (chosen on its held-out traces, LOG 2026-12-06)
+LATENT=32 ELR=1e-4; [[ "$DATA" == minicode-chain-* ]] && LATENT=96 ELR=3e-5
 CODE=$(cat model.py data.py minicode.py flags.py estep.py mstep.py rlvr.py eval_code.py | sha1sum | cut -c1-12)
 
 stage_key() {  # what a stage's result depends on: the code, its command, and the stages whose outputs it reads
@@ -162,7 +175,7 @@ pipeline() {  # one seed: pipeline SEED DIR
     stage "seed $seed: RA3 EM iteration $k/$K, E-step (penalty c = $PENALTY, $ESTEPS updates)"
     run_in "$dir/ra3/e$k" launch estep.py --model "$pi" --data "$DATA" --n-tasks "$TASKS" --steps "$ESTEPS" \
       --batch-traces "$EB" --group "$EG" --max-lines "$ELINES" --micro-rows "$EMICRO" --penalty "$PENALTY" \
-      --eval-traces "$EHELD" --eval-every "$EEVERY" --annotate-limit "$ANN" --seed $(( seed * 100 + k )) \
+      --max-latent "$LATENT" --lr "$ELR" --eval-traces "$EHELD" --eval-every "$EEVERY" --annotate-limit "$ANN" --seed $(( seed * 100 + k )) \
       ${EXPLORE:+--explore "$EXPLORE"} --resume --save-every 10 $BF16 --out "$dir/ra3/e$k"
     stage "seed $seed: RA3 EM iteration $k/$K, M-step ($EPK steps)"
     run_in "$dir/ra3/m$k" launch mstep.py --model "$pi" --data "$dir/ra3/e$k/traces.jsonl" --steps "$EPK" \
@@ -183,7 +196,7 @@ pipeline() {  # one seed: pipeline SEED DIR
     if [ -n "$ORACLE" ]; then  # CE alone penalises a model that comments: its ELBO with its own comments
       stage "seed $seed: ELBO of $name on held-out mid-training traces, its own comments"
       run_in "$dir/elbo-$name" python estep.py --model "$m" --data "$DATA" --steps 0 --penalty 0 --n-tasks "$EHELD" \
-        --eval-traces "$EHELD" --annotate-limit 1 --seed "$seed" --out "$dir/elbo-$name"
+        --max-latent "$LATENT" --lr "$ELR" --eval-traces "$EHELD" --annotate-limit 1 --seed "$seed" --out "$dir/elbo-$name"
     fi
   done
 

@@ -376,6 +376,27 @@ def test_comment_naming_reads_the_world(world):
     assert other["unnamed"] == len(tasks) and other["wrong_step"] == 0
 
 
+def test_chain_counts_read_where_a_chain_starts_and_its_value():
+    """In the chain world: a comment counts at the line where the step with the chain starts, and is right
+    only if it names that step with the chain's value; comments elsewhere and missing ones are not."""
+    tasks = minicode.midtrain_tasks(30, seed=4, world="chain")
+    assert E.chain_counts([t.true_plan() for t in tasks], tasks) == dict(
+        chain_starts=30, thinks_at_chain=30, chain_right=30)  # one chain per task
+    assert E.chain_counts([[None] * len(t.step_of) for t in tasks], tasks) == dict(
+        chain_starts=30, thinks_at_chain=0, chain_right=0)
+    off = []  # the right comment at the chain's line, its value off by one; the true plan everywhere else
+    for t in tasks:
+        z = t.true_plan()
+        at = t.chain_starts().index(True)
+        i = t.step_of[at]
+        value = t.params[i][next(iter(t.exprs[i]))]
+        z[at] = z[at].replace(f"= {value}:", f"= {value + 1}:").replace(f" {value}", f" {value + 1}")
+        off.append(z)
+    assert E.chain_counts(off, tasks) == dict(chain_starts=30, thinks_at_chain=30, chain_right=0)
+    assert E.chain_counts([t.true_plan() for t in minicode.midtrain_tasks(5, world="anon")],
+                          minicode.midtrain_tasks(5, world="anon"))["chain_starts"] == 0
+
+
 # ---- learning ---------------------------------------------------------------------------------------------
 
 def updates(out):

@@ -160,11 +160,11 @@ def test_names_resolve_here_and_data_knows_nothing_of_minicode():
     p = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     with pytest.raises(D.DataError, match=r"^unknown corpus 'nope': a traces .jsonl, minicode-pretrain, minicode-midtrain, "
-                       r".*minicode-arith-midtrain-oracle, a minicode split, stdlib, a directory of .py files, or hf:NAME "
+                       r".*minicode-chain-midtrain-oracle, a minicode split, stdlib, a directory of .py files, or hf:NAME "
                        r"\(each also as stripped:SPEC or oracle:SPEC\)$"):
         minicode.load_traces("nope")
     with pytest.raises(D.DataError, match=r"^unknown benchmark 'minicode-bogus': humaneval, humaneval\+, "
-                       r"mbpp\[-train\|-validation\|-test\], mbpp\+, minicode-train, .*minicode-arith-dev-long, "
+                       r"mbpp\[-train\|-validation\|-test\], mbpp\+, minicode-train, .*minicode-chain-dev-long, "
                        r"or a path to a problems .jsonl$"):
         minicode.load_problems("minicode-bogus")
     with pytest.raises(D.DataError, match=r"^unknown corpus 'nope': a traces .jsonl, stdlib, a directory"):
@@ -396,3 +396,78 @@ def test_arith_world_by_name():
         ns["check"](ns[t.problem.entry_point])
     traces, latents = minicode.load_traces("minicode-arith-midtrain-oracle", n_tasks=5)
     assert latents == [t.true_plan() for t in minicode.midtrain_tasks(5, world="arith")]
+
+
+# ---- the chain world (the positive control) ----------------------------------------------------------------
+
+def _chain(task):
+    """(step index, parameter, its text) of a chain task's one chain."""
+    (i, name, text), = [(i, name, text) for i, e in enumerate(task.exprs) for name, text in e.items()]
+    return i, name, text
+
+
+def test_chain_expressions_reach_their_values_left_to_right_in_range():
+    assert minicode.evaluate("2 + 3 * 4") == 20 and minicode.evaluate("9 - 4 - 3") == 2  # not Python's order
+    for split in ("dev", "dev-long", "heldout"):
+        steps, ops = minicode.CHAIN_LENGTHS[split]
+        tasks = minicode.split_tasks("chain", split)[:150]
+        n_ops = []
+        for t in tasks:
+            i, name, text = _chain(t)
+            assert t.kinds[i] in minicode.CHAIN_STEPS and t.params[i][name] in minicode.CHAIN_VALUES
+            assert minicode.evaluate(text) == t.params[i][name]
+            start, pairs = int(text.split()[0]), list(zip(text.split()[1::2], map(int, text.split()[2::2])))
+            assert 1 <= start <= 20 and len(set(pairs)) == len(pairs)  # no operation twice: each is found by the last
+            assert all((op == "*" and b in (2, 3)) or (op in "+-" and 1 <= b <= 9) for op, b in pairs)
+            partials = [minicode.evaluate(" ".join(text.split()[:j])) for j in range(1, len(text.split()) + 1, 2)]
+            assert all(0 <= p <= minicode.CHAIN_MAX for p in partials)
+            assert any(text in line for line in t.problem.prompt.splitlines())  # on one docstring line
+            assert minicode.CHAIN_NOTE in " ".join(t.problem.prompt.split())
+            assert len(t.kinds) in steps
+            n_ops.append(len(pairs))
+        assert set(n_ops) == set(ops)
+
+
+def test_chain_true_plan_works_one_operation_at_a_time():
+    for t in minicode.midtrain_tasks(200, world="chain") + minicode.split_tasks("chain", "dev")[:50]:
+        i, name, text = _chain(t)
+        plan = t.true_plan()
+        z = next(z for z, start, j in zip(plan, t.step_starts(), t.step_of) if start and j == i)
+        head, tail = z[2:].split(": ")
+        equations = [re.fullmatch(r"(\d+) ([-+*]) (\d+) = (\d+)", e).groups() for e in head.split(", ")]
+        assert len(equations) == len(text.split()) // 2 and all(ok for *_, ok in minicode.operations(z))
+        assert [f"{op} {b}" for _, op, b, _ in equations] == [" ".join(p) for p in zip(text.split()[1::2], text.split()[2::2])]
+        for (_, _, _, c), (a, _, _, _) in zip(equations, equations[1:]):
+            assert c == a  # each operation starts from the last result
+        assert int(equations[-1][3]) == t.params[i][name] and str(t.params[i][name]) in "".join(t.trace.actions)
+        assert (t.kinds[i], ((name, t.params[i][name]),)) in minicode.names_of(z)
+        for z, start, j in zip(plan, t.step_starts(), t.step_of):  # every other step: a plain plan comment
+            assert (z is not None) == start and (not start or (t.kinds[j], tuple(sorted(t.params[j].items()))) in minicode.names_of(z))
+        ast.parse(D.render(t.trace, plan))
+        assert t.first_departure(_completion(t, plan)) == "code after right comments"
+    assert minicode.operations("# 4 * 3 = 12, 12 - 5 = 8: mod 8") == [(4, 3, 12, True), (12, 5, 8, False)]
+
+
+CHAIN_FINGERPRINT = "e8f14c32fbb69736"  # the tasks models/minicode-chain-base was pretrained on (2026-12-06)
+
+
+def test_the_chain_world_keeps_the_tasks_its_shipped_base_learned():
+    import hashlib
+    texts = [D.render(t.trace, t.plan_comments) + t.problem.test for t in minicode.pretrain_tasks(40, world="chain")]
+    texts += [t.problem.prompt + t.problem.test for t in minicode.split_tasks("chain", "heldout")[:40]]
+    assert hashlib.sha256("".join(texts).encode()).hexdigest()[:16] == CHAIN_FINGERPRINT
+
+
+def test_chain_world_by_name_and_its_pretraining_works_some_chains_out():
+    assert minicode.parse("minicode-chain-dev-long") == ("chain", "dev-long")
+    dev = minicode.split_tasks("chain", "dev")
+    assert len(dev) == 500 and dev[0].problem.prompt == minicode.load_problems("minicode-chain-dev")[0].prompt
+    for t in dev[:150] + minicode.split_tasks("chain", "dev-long")[:50] + minicode.midtrain_tasks(150, world="chain"):
+        ns = {}
+        exec(t.problem.prompt + t.problem.canonical_solution + t.problem.test, ns)
+        ns["check"](ns[t.problem.entry_point])
+    traces, latents = minicode.load_traces("minicode-chain-midtrain-oracle", n_tasks=5)
+    assert latents == [t.true_plan() for t in minicode.midtrain_tasks(5, world="chain")]
+    pre = minicode.pretrain_tasks(300, world="chain")
+    worked = [z for t in pre for z in t.plan_comments if z and minicode.operations(z)]
+    assert 0.3 < len(worked) / len(pre) < 0.7 and all(ok for z in worked for *_, ok in minicode.operations(z))

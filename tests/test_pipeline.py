@@ -35,7 +35,7 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     assert json.loads((seed / "ra3/e2/summary.json").read_text())["stage"] == "estep"
     assert M.read_meta(seed / "ra3/e2/q")["args"]["model"] == str(seed / "ra3/m1/model")
     # the oracle trained on the true plan comments
-    assert M.read_meta(seed / "oracle/model")["args"]["data"] == "minicode-midtrain-oracle"
+    assert M.read_meta(seed / "oracle/model")["args"]["data"] == "minicode-chain-midtrain-oracle"  # the default world
     # the held-out cross-entropy is each model's own: NTP's and RA3's differ from the base's
     ce = {n: json.loads((seed / f"ce-{n}/summary.json").read_text())["eval_loss"] for n in ("base", "ntp", "ra3")}
     assert ce["base"] != ce["ntp"] and ce["base"] != ce["ra3"] and all(0 < v < 10 for v in ce.values())
@@ -201,11 +201,38 @@ def test_worlds_report_splits_the_oracle_by_its_plan(tmp_path):
     assert total > 1 and right == total - 1  # the true plan's working is right, 2 + 2 = 5 is not
 
 
+def test_worlds_report_splits_a_chain_world_by_its_operations(tmp_path):
+    """In a chain world the report gives pass@1 by the number of operations in the task's chain, every seed's
+    samples pooled, and checks the working's arithmetic with * too."""
+    import data as D
+    import minicode
+    dev = minicode.split_tasks("chain", "dev")
+    tasks = [t for t in dev if t.n_ops() == 3][:2] + [next(t for t in dev if t.n_ops() == 5)]
+    true, bare = [D.render(t.trace, t.true_plan()) for t in tasks], [D.render(t.trace) for t in tasks]
+    passed = {"ntp": [(True, False, False), (False, False, True)], "oracle": [(True, True, True), (True, False, True)]}
+    for name, runs in passed.items():
+        for seed, flags in enumerate(runs):
+            d = tmp_path / "chain" / f"dev-{name}{seed}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"pass@1": sum(flags) / 3}))
+            rows = zip(tasks, true if name == "oracle" else bare, flags)
+            (d / "samples.jsonl").write_text("".join(json.dumps(dict(task_id=t.problem.task_id, completion=c, passed=ok))
+                                                     + "\n" for t, c, ok in rows))
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), str(tmp_path), "--worlds", "chain"],
+                       capture_output=True, text=True, timeout=300)
+    text = (tmp_path / "worlds.md").read_text() if p.returncode == 0 else p.stderr[-3000:]
+    assert "| chain | dev | 3 | 2 | 0.250 | 0.750 |" in text and "| chain | dev | 5 | 1 | 0.500 | 1.000 |" in text, text
+    right, total = map(int, re.search(r"chain, dev: (\d+) of the (\d+) operations", text).groups())
+    assert right == total == 2 * (3 + 3 + 5)  # both oracle seeds wrote the true plans: every equation right
+
+
 def test_run_sh_checks_its_numbers():
     for flags, message in ((["--k", "0"], "--k must be an integer >= 1"), (["--seeds", "0"], "--seeds must be"),
                            (["--penalty", "-1"], "--penalty must be a number"), (["--eval-n", "x"], "--eval-n must be"),
                            (["--data", "stdlib", "--k", "2"], "real code runs one EM iteration (--k 1), not --k 2"),
-                           (["--data", "stdlib", "--explore", "x"], "--explore must be a number")):
+                           (["--data", "stdlib", "--explore", "x"], "--explore must be a number"),
+                           (["--world", "nope"], "--world is plain, chain, echo"),
+                           (["--world", "arith"], "no base model ships for the arith world: pass --model")):
         p = subprocess.run(["bash", str(ROOT / "run.sh"), "--tiny", *flags], cwd=ROOT, capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
@@ -238,7 +265,7 @@ def test_a_users_mistake_is_one_line(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     env.pop("RA3_DEBUG", None)
-    for model, says in (("tiny-foo", "the presets are minicode-base, smollm2, qwen-coder, tiny-llama"),
+    for model, says in (("tiny-foo", "the presets are minicode-base, minicode-chain-base, smollm2, qwen-coder, tiny-llama"),
                         (str(tmp_path / "broken"), f"could not load the weights in {tmp_path / 'broken'}")):
         p = subprocess.run([sys.executable, str(ROOT / "mstep.py"), "--model", model, "--steps", "1", "--out",
                             str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
