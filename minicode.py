@@ -15,15 +15,18 @@ Paper object                                  -> here
 Held-out tasks use compositions (sequences of step kinds) that training tasks never use; the dev split's
 compositions are held out and kept apart from the test tasks', for choosing settings.
 
-Worlds (WORLDS) differ in what the text gives away: plain (the default) comments in short phrases of its
-own and names variables after their steps; echo's comments restate the docstring's words; anon's names
+Worlds (WORLDS) differ in what the text gives away: plain (the bare `minicode-*` names) comments in short
+phrases of its own and names variables after their steps; echo's comments restate the docstring's words; anon's names
 are neutral. In skills (with anon's names) the docstring names *skills* (SKILLS: fixed macros of 2-3 steps)
 instead of steps, so what each one expands into is world knowledge from pretraining, and a plan comment per
 skill block spells it out; there the true plan says what the prompt does not. In arith (anon's tasks, task for
 task) the docstring writes each integer parameter as a small sum ("add 7 + 5 - 3") and the code holds its
 value (`+ 9`); a plan comment works the sum out first ("# 7 + 5 = 12, 12 - 3 = 9: shift by 9"), something
-the context determines but a small model may not compute in one forward pass. A name `minicode-WORLD-SPLIT`
-(parse) picks one; worlds.sh asks which lets latents pay.
+the context determines but a small model may not compute in one forward pass. In chain (anon's names, 2-4
+steps) one parameter a task is a chain of 1-8 operations worked from left to right ("11 - 9 + 5 * 2 - 4"),
+which the plan comment works out one operation at a time: the positive control, the world where written
+state pays (its base model ships as models/minicode-chain-base; run.sh's default). A name
+`minicode-WORLD-SPLIT` (parse) picks one; worlds.sh asks which lets latents pay.
 
 Names. A stage names its corpus or benchmark with one flag, minicode's or real code's, and resolves it with
 load_traces or load_problems here: minicode's own names first, any other by data.py's loaders (data.py knows
