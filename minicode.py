@@ -621,7 +621,7 @@ class Task:
     step_of: list           # per action: index of the step its line belongs to (None: the final return)
     params: list            # per step: its parameters, e.g. {"k": 3}
     plan: list              # per step: the oracle's plan comment
-    exprs: list = None      # per step: its integer parameters as the docstring writes them ({} outside arith)
+    exprs: list = None      # per step: its parameters as the docstring writes them ({} but in arith and chain)
 
     def n_ops(self):
         """Operations in the task's chains (its sums in arith): what one forward pass must compose for a value."""

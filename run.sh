@@ -196,7 +196,7 @@ pipeline() {  # one seed: pipeline SEED DIR
     if [ -n "$ORACLE" ]; then  # CE alone penalises a model that comments: its ELBO with its own comments
       stage "seed $seed: ELBO of $name on held-out mid-training traces, its own comments"
       run_in "$dir/elbo-$name" python estep.py --model "$m" --data "$DATA" --steps 0 --penalty 0 --n-tasks "$EHELD" \
-        --max-latent "$LATENT" --lr "$ELR" --eval-traces "$EHELD" --annotate-limit 1 --seed "$seed" --out "$dir/elbo-$name"
+        --max-latent "$LATENT" --eval-traces "$EHELD" --annotate-limit 1 --seed "$seed" --out "$dir/elbo-$name"
     fi
   done
 
