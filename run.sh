@@ -120,9 +120,13 @@ else launch() { python "$@"; }
 fi
 stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 ORACLE=; [[ "$DATA" =~ ^minicode-(.*-)?midtrain$ ]] && ORACLE=1  # minicode knows every trace's true plan
-# The chain world's E-step: its workings run to 80 tokens (cut, they are no help), and at q's usual learning rate
-# RL noise wears the 1.25M model's arithmetic down within 10 updates (chosen on its held-out traces, LOG 2026-12-06)
-LATENT=32 ELR=1e-4; [[ "$DATA" == minicode-chain-* ]] && LATENT=96 ELR=3e-5
+# The chain world: its workings run to 80 tokens (cut, they are no help); at q's usual learning rate RL noise wears
+# the 1.25M model's arithmetic down within 10 updates (chosen on its held-out traces); the M-step keeps the habit of
+# working a chain out only if nearly every trace shows it, which one rollout of q at temperature 0.5 writes and the
+# gain filter does not (sampled dev pass@1 0.91 against 0.67); rlvr.py's lr 2e-5 lowers every start's dev pass@1
+# over 30 steps, where 5e-6 leaves it about flat (all chosen on dev: LOG 2026-12-06, 2026-12-07)
+LATENT=32 ELR=1e-4 ANNOTATE= RLLR=
+[[ "$DATA" == minicode-chain-* ]] && LATENT=96 ELR=3e-5 ANNOTATE="--annotate one --annotate-temperature 0.5" RLLR=5e-6
 CODE=$(cat model.py data.py minicode.py flags.py estep.py mstep.py rlvr.py eval_code.py | sha1sum | cut -c1-12)
 
 stage_key() {  # what a stage's result depends on: the code, its command, and the stages whose outputs it reads
@@ -175,7 +179,7 @@ pipeline() {  # one seed: pipeline SEED DIR
     stage "seed $seed: RA3 EM iteration $k/$K, E-step (penalty c = $PENALTY, $ESTEPS updates)"
     run_in "$dir/ra3/e$k" launch estep.py --model "$pi" --data "$DATA" --n-tasks "$TASKS" --steps "$ESTEPS" \
       --batch-traces "$EB" --group "$EG" --max-lines "$ELINES" --micro-rows "$EMICRO" --penalty "$PENALTY" \
-      --max-latent "$LATENT" --lr "$ELR" --eval-traces "$EHELD" --eval-every "$EEVERY" --annotate-limit "$ANN" --seed $(( seed * 100 + k )) \
+      --max-latent "$LATENT" --lr "$ELR" $ANNOTATE --eval-traces "$EHELD" --eval-every "$EEVERY" --annotate-limit "$ANN" --seed $(( seed * 100 + k )) \
       ${EXPLORE:+--explore "$EXPLORE"} --resume --save-every 10 $BF16 --out "$dir/ra3/e$k"
     stage "seed $seed: RA3 EM iteration $k/$K, M-step ($EPK steps)"
     run_in "$dir/ra3/m$k" launch mstep.py --model "$pi" --data "$dir/ra3/e$k/traces.jsonl" --steps "$EPK" \
@@ -205,7 +209,7 @@ pipeline() {  # one seed: pipeline SEED DIR
     stage "seed $seed: RLVR from $name, $RLSTEPS steps"
     run_in "$dir/rl-$name" launch rlvr.py --model "$m" --problems "$PROBLEMS" --eval-bench "$BENCH" \
       --eval-limit "$EVAL" --steps "$RLSTEPS" --eval-every "$RLEVERY" --batch-prompts "$RLP" --max-new-tokens "$NEW" \
-      --seed "$seed" --resume $BF16 --out "$dir/rl-$name"
+      ${RLLR:+--lr "$RLLR"} --seed "$seed" --resume $BF16 --out "$dir/rl-$name"
   done
 }
 

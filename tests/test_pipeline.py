@@ -36,6 +36,10 @@ def test_run_sh_tiny_end_to_end(tmp_path):
     assert M.read_meta(seed / "ra3/e2/q")["args"]["model"] == str(seed / "ra3/m1/model")
     # the oracle trained on the true plan comments
     assert M.read_meta(seed / "oracle/model")["args"]["data"] == "minicode-chain-midtrain-oracle"  # the default world
+    # and its own settings, chosen on dev, reach the E-step and RLVR
+    estep_cmd = (seed / "ra3/e1/stage.cmd").read_text()
+    assert "--lr 3e-5" in estep_cmd and "--annotate one --annotate-temperature 0.5" in estep_cmd
+    assert "--lr 5e-6" in (seed / "rl-ra3/stage.cmd").read_text()
     # the held-out cross-entropy is each model's own: NTP's and RA3's differ from the base's
     ce = {n: json.loads((seed / f"ce-{n}/summary.json").read_text())["eval_loss"] for n in ("base", "ntp", "ra3")}
     assert ce["base"] != ce["ntp"] and ce["base"] != ce["ra3"] and all(0 < v < 10 for v in ce.values())
