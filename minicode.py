@@ -852,9 +852,13 @@ def split_tasks(world, split):
         spec["held_out"] = True
     if WORLDS[world].skills:
         spec["lengths"] = SKILL_LENGTHS[split]
-    if WORLDS[world].chain:
-        spec["lengths"], spec["ops"] = CHAIN_LENGTHS[split]
+    spec.update(_chain_shape(world, split))
     return tasks(**spec, world=world)
+
+
+def _chain_shape(world, split):
+    """tasks()'s lengths and ops for a split of a chain world ({} in any other world)."""
+    return dict(zip(("lengths", "ops"), CHAIN_LENGTHS[split])) if WORLDS[world].chain else {}
 
 
 MIDTRAIN_LENGTHS = (3, 4, 5, 6, 7)  # mid-training reaches past pretraining's 2-5 steps, toward the long tasks
@@ -865,12 +869,9 @@ def pretrain_tasks(n, seed=0, world=DEFAULT_WORLD):
     must teach both what the steps are and what each skill expands into, so its tasks alternate: the even ones
     are the pretraining tasks of the same world without skills (anon's, task for task, for skills), the odd
     ones skill tasks of 1-3 skills, about half the skill blocks commented with their expansion."""
-    if WORLDS[world].chain:
-        lengths, ops = CHAIN_LENGTHS["pretrain"]
-        return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world, lengths=lengths,
-                     ops=ops)
     if not WORLDS[world].skills:
-        return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world)
+        return tasks(n, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain", world=world,
+                     **_chain_shape(world, "pretrain"))
     steps = pretrain_tasks((n + 1) // 2, seed, _steps_world(world))
     skills = tasks(n // 2, seed=100 + seed, comment_rate=0.5, prefix="minicode-pretrain-skills",
                    lengths=SKILL_LENGTHS["pretrain"], world=world)
@@ -886,10 +887,9 @@ def _steps_world(world):
 def midtrain_tasks(n, seed=0, world=DEFAULT_WORLD):
     """The mid-training stream as tasks (each knows its steps): seed 0 is the corpus, other seeds give
     more traces of the same distribution (the E-step's held-out set). A skills world's are skill tasks."""
-    lengths, ops = (SKILL_LENGTHS["midtrain"] if WORLDS[world].skills else MIDTRAIN_LENGTHS), (1,)
-    if WORLDS[world].chain:
-        lengths, ops = CHAIN_LENGTHS["midtrain"]
-    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", lengths=lengths, world=world, ops=ops)
+    shape = {"lengths": SKILL_LENGTHS["midtrain"] if WORLDS[world].skills else MIDTRAIN_LENGTHS,
+             **_chain_shape(world, "midtrain")}
+    return tasks(n, seed=200 + seed, prefix="minicode-midtrain", world=world, **shape)
 
 
 def corpus(kind, n, seed=0, world=DEFAULT_WORLD):
